@@ -1,0 +1,294 @@
+"""Write a grid's report: report.md (figures beside it) and a self-contained report.html.
+
+The HTML needs nothing but itself: CSS inline, figures embedded as ``data:image/png;base64`` URIs,
+no scripts, fonts or links to fetch, so it can be mailed or attached to an issue as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigbatch.report.tables import (
+    GridData,
+    arm_rows,
+    diffusion_fit,
+    load_grid,
+    markdown_table,
+    narrative,
+    table_cells,
+)
+
+__all__ = ["atomic_write", "write_report"]
+
+FIGURE_DIR = "figures"
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 60rem;
+       margin: 2rem auto; padding: 0 1rem; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6rem; }
+h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.88rem; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.55rem; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; font-weight: 600; }
+figure { margin: 1rem 0; }
+figure img { max-width: 100%; } figcaption { font-size: 0.85rem; color: #555; }
+code { background: #f5f5f5; padding: 0 0.2rem; } .note { color: #8a4b00; }
+"""
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace`` (never torn)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class _Doc:
+    """An ordered list of blocks rendered to both markdown and HTML, so the two never disagree."""
+
+    title: str
+    blocks: list[tuple] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def paragraph(self, text: str, note: bool = False) -> None:
+        self.blocks.append(("p", text, note))
+
+    def items(self, items: list[str]) -> None:
+        self.blocks.append(("ul", items))
+
+    def table(self, header: list[str], cells: list[list[str]]) -> None:
+        self.blocks.append(("table", header, cells))
+
+    def image(self, name: str, png: bytes, caption: str) -> None:
+        self.blocks.append(("img", name, png, caption))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, *rest in self.blocks:
+            if kind == "h2":
+                out += [f"## {rest[0]}", ""]
+            elif kind == "p":
+                out += [f"> {rest[0]}" if rest[1] else rest[0], ""]
+            elif kind == "ul":
+                out += [f"- {item}" for item in rest[0]] + [""]
+            elif kind == "table":
+                out += [markdown_table(rest[0], rest[1]), ""]
+            elif kind == "img":
+                name, _, caption = rest
+                out += [f"![{caption}]({FIGURE_DIR}/{name})", "", f"*{caption}*", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        out = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(self.title)}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(self.title)}</h1>",
+        ]
+        for kind, *rest in self.blocks:
+            if kind == "h2":
+                out.append(f"<h2>{html.escape(rest[0])}</h2>")
+            elif kind == "p":
+                css = ' class="note"' if rest[1] else ""
+                out.append(f"<p{css}>{_inline(rest[0])}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in rest[0]) + "</ul>")
+            elif kind == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in rest[0])
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                    for row in rest[1]
+                )
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif kind == "img":
+                name, png, caption = rest
+                data = base64.b64encode(png).decode("ascii")
+                out.append(
+                    f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escape text for HTML, turning markdown `code` spans into <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def _unique(runs, key: str) -> str:
+    values = sorted({str(r.summary.get(key)) for r in runs if r.summary.get(key) is not None})
+    return ", ".join(values) if values else "unknown"
+
+
+def _evidence(grid: GridData) -> list[str]:
+    runs = [r for a in grid.arms for r in grid.complete_runs(a)]
+    wall = sum(float(r.summary.get("wall_time_s") or 0.0) for r in runs)
+    finished = sorted(
+        dt.datetime.fromtimestamp((r.path / "summary.json").stat().st_mtime, dt.timezone.utc)
+        for r in runs
+    )
+    items = [
+        f"seeds: {', '.join(map(str, grid.seeds)) or 'none'} ({len(runs)} complete runs of "
+        f"{len(grid.arms) * len(grid.seeds)})",
+        f"device: {_unique(runs, 'device')}",
+        f"torch: {_unique(runs, 'torch_version')}",
+        f"bigbatch: {_unique(runs, 'bigbatch_version')}",
+        f"git commit: {_unique(runs, 'git_commit')}",
+        f"total wall time of the runs: {wall:.1f} s ({wall / 60:.1f} min)",
+    ]
+    if finished:
+        items.append(
+            f"runs finished between {finished[0]:%Y-%m-%d %H:%M} and "
+            f"{finished[-1]:%Y-%m-%d %H:%M} UTC"
+        )
+    items.append(f"report written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    return items
+
+
+def _setup(grid: GridData) -> list[str]:
+    base, spec = grid.preset.get("base", {}), grid.preset.get("grid", {})
+    items = []
+    for key in (
+        "model",
+        "model_options",
+        "dataset",
+        "train_subset",
+        "held_out",
+        "base_batch_size",
+        "epochs",
+        "clip_grad_norm",
+    ):
+        if key in base:
+            items.append(f"{key}: {base[key]}")
+    for key in ("large_batch_size", "ghost_batch_size"):
+        if key in spec:
+            items.append(f"{key}: {spec[key]}")
+    regime = base.get("regime")
+    if isinstance(regime, dict):
+        phases = "; ".join(
+            ", ".join(f"{k} {v}" for k, v in phase.items()) for phase in regime.get("phases", [])
+        )
+        items.append(f"regime: {regime.get('epochs', '?')} epochs, {phases}")
+    elif "model" in base:
+        items.append("regime: the model's default (see each run's config.toml)")
+    if grid.preset.get("overrides"):
+        items.append(f"overrides: {grid.preset['overrides']}")
+    return items
+
+
+def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (figures in ``figures/``) and a self-contained ``report.html``.
+
+    Works on incomplete grids: missing runs are listed and the statistics use the complete runs.
+
+    Args:
+        grid_dir: the directory :func:`bigbatch.reproduce.run_grid` wrote (grid.toml + run dirs).
+
+    Returns:
+        (path of report.md, path of report.html).
+
+    Example:
+        >>> md, html_path = write_report("runs/demo")  # doctest: +SKIP
+    """
+    grid = load_grid(grid_dir)
+    rows = arm_rows(grid)
+    fits = {
+        arm: fit
+        for arm in ("SB", "LB")
+        if arm in grid.arms
+        if (fit := diffusion_fit(grid, arm)) is not None
+    }
+    name = grid.preset.get("name", grid.path.name)
+    doc = _Doc(f"bigbatch reproduction: {name}")
+    if grid.preset.get("description"):
+        doc.paragraph(str(grid.preset["description"]))
+
+    doc.heading("Results")
+    header, cells = table_cells(rows)
+    doc.table(header, cells)
+    doc.paragraph(
+        "Validation error: final evaluation of each run, mean ± sample standard deviation over "
+        "seeds "
+        "(complete runs only). Wall time and samples/s are means per run."
+        + (
+            " Paper accuracy: the published Table 1 number (validation accuracy %)."
+            if grid.paper
+            else ""
+        )
+    )
+    for text in narrative(grid, rows, fits):
+        doc.paragraph(text, note=text.startswith("This grid is incomplete"))
+
+    doc.heading("Figures")
+    from bigbatch.report import plots
+
+    figures = [
+        (
+            "val_error_epochs.png",
+            plots.plot_error_curves(grid, "epoch"),
+            "Validation error vs epochs per arm (line: mean over seeds; band: min to max).",
+        ),
+        (
+            "val_error_updates.png",
+            plots.plot_error_curves(grid, "updates"),
+            "Validation error vs updates (log scale) per arm (line: mean; band: min to max).",
+        ),
+        (
+            "weight_distance.png",
+            plots.plot_diffusion(grid, fits),
+            "||w_t − w_0|| vs updates for SB and LB, with a + b·ln t (solid) and a + b·√t (dotted) "
+            "fitted over the updates before the first lr drop.",
+        ),
+        (
+            "generalization_gap.png",
+            plots.plot_generalization_gap(rows),
+            "Final training vs validation error per arm (mean ± std over seeds).",
+        ),
+    ]
+    for file_name, png, caption in figures:
+        if png is None:
+            doc.paragraph(f"({file_name}: no data yet.)", note=True)
+            continue
+        atomic_write(grid.path / FIGURE_DIR / file_name, png)
+        doc.image(file_name, png, caption)
+
+    doc.heading("Setup")
+    doc.items(_setup(grid))
+    if name and (grid.path / "grid.toml").is_file():
+        doc.paragraph(
+            f"Reproduce with `bigbatch reproduce --preset {name} --out DIR` "
+            "(the resolved preset is in grid.toml)."
+        )
+    doc.heading("Evidence")
+    doc.items(_evidence(grid))
+    evidence = grid.preset.get("evidence")
+    text = evidence.get("text") if isinstance(evidence, dict) else evidence
+    if text:
+        doc.paragraph(f"Preset evidence: {' '.join(str(text).split())}")
+
+    md_path = atomic_write(grid.path / "report.md", doc.markdown())
+    html_path = atomic_write(grid.path / "report.html", doc.html())
+    return md_path, html_path

@@ -1,0 +1,287 @@
+"""The report on synthetic grid directories with known numbers (no training involved)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+from bigbatch.report import write_report
+from bigbatch.report.tables import (
+    ARM_SLUGS,
+    ARMS,
+    arm_rows,
+    diffusion_fit,
+    initial_phase_end,
+    load_grid,
+    narrative,
+)
+
+PAPER = {"SB": 87.8, "LB": 83.95, "LB+LR": 86.15, "LB+LR+GBN": 86.4, "LB+LR+GBN+RA": 88.2}
+SEEDS = [0, 1, 2]
+METRIC_KEYS = [
+    "updates", "epoch", "samples", "lr", "train_loss", "train_error_pct", "val_loss",
+    "val_error_pct", "weight_distance", "wall_time_s", "samples_per_s",
+]  # fmt: skip
+
+
+def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_run(
+    grid_dir: Path,
+    arm: str,
+    seed: int,
+    *,
+    val_error: float,
+    train_error: float,
+    updates: int,
+    epochs: int,
+    lr: float = 0.1,
+    drop_update: int | None = None,
+    a: float = 1.0,
+    b: float = 0.5,
+    wall_time_s: float = 10.0,
+    samples_per_s: float = 1000.0,
+) -> Path:
+    """A run dir in the engine's format; ||w_t - w_0|| = a + b ln t before the first lr drop."""
+    run = grid_dir / ARM_SLUGS[arm] / f"seed{seed}"
+    run.mkdir(parents=True)
+    drop_update = drop_update or updates // 2
+    per_epoch = updates // epochs
+    metrics = []
+    for e in range(1, epochs + 1):
+        u = e * per_epoch
+        frac = e / epochs  # errors fall linearly to their final value
+        metrics.append(
+            {"updates": u, "epoch": e, "samples": u * 100, "lr": lr if u < drop_update else lr / 10,
+             "train_loss": 0.5, "train_error_pct": train_error + 20 * (1 - frac), "val_loss": 0.6,
+             "val_error_pct": val_error + 20 * (1 - frac), "weight_distance": a + b * math.log(u),
+             "wall_time_s": wall_time_s * frac, "samples_per_s": samples_per_s}
+        )  # fmt: skip
+    _write_csv(run / "metrics.csv", METRIC_KEYS, metrics)
+    diffusion = []
+    for u in sorted({1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, drop_update, updates}):
+        if u > updates:
+            continue
+        before = u < drop_update
+        d = a + b * math.log(u) if before else a + b * math.log(drop_update) + 0.001 * u
+        diffusion.append({"updates": u, "epoch": u / per_epoch, "lr": lr if before else lr / 10,
+                          "weight_distance": d})  # fmt: skip
+    _write_csv(run / "diffusion.csv", ["updates", "epoch", "lr", "weight_distance"], diffusion)
+    summary = {
+        "status": "complete", "seed": seed, "model": "f1", "dataset": "fashion-mnist",
+        "batch_size": 128 if arm == "SB" else 4096, "base_batch_size": 128,
+        "ghost_batch_size": 128 if "GBN" in arm else None,
+        "lr_scaling": "sqrt" if "LR" in arm else "none", "regime_adaptation": "RA" in arm,
+        "epochs": epochs, "updates": updates, "samples": updates * 100,
+        "final_val_error_pct": val_error, "best_val_error_pct": val_error - 0.1,
+        "final_train_error_pct": train_error, "wall_time_s": wall_time_s,
+        "samples_per_s": samples_per_s, "device": "cpu", "torch_version": "2.13.0+cpu",
+        "bigbatch_version": "0.1.0", "git_commit": "abc1234",
+    }  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def write_grid_toml(grid_dir: Path, paper: dict | None = PAPER) -> None:
+    preset = {
+        "name": "synthetic-test",
+        "description": "numbers written by the test",
+        "base": {"model": "f1", "dataset": "fashion-mnist", "base_batch_size": 128},
+        "grid": {"seeds": SEEDS, "arms": list(ARMS), "large_batch_size": 4096,
+                 "ghost_batch_size": 128},
+    }  # fmt: skip
+    if paper:
+        preset["paper"] = paper
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    (grid_dir / "grid.toml").write_text(tomli_w.dumps(preset))
+
+
+# Final validation / training error (%) per arm and seed.
+GAP_GRID = {  # LB clearly worse, +LR and +GBN part way, RA closes the gap
+    "SB": ([13.0, 13.2, 13.1], [5.0, 5.2, 5.1]),
+    "LB": ([17.0, 17.5, 16.9], [9.0, 9.1, 9.2]),
+    "LB+LR": ([15.5, 15.2, 15.9], [7.0, 7.0, 7.1]),
+    "LB+LR+GBN": ([15.0, 14.8, 15.1], [6.0, 6.3, 6.1]),
+    "LB+LR+GBN+RA": ([13.05, 13.15, 12.95], [4.0, 4.2, 4.1]),
+}
+NO_GAP_GRID = {  # every arm within the seed spread of SB
+    "SB": ([13.0, 13.4, 13.2], [5.0, 5.2, 5.1]),
+    "LB": ([13.1, 13.3, 13.25], [5.0, 5.1, 5.2]),
+    "LB+LR": ([13.2, 13.0, 13.3], [5.0, 5.0, 5.1]),
+    "LB+LR+GBN": ([13.1, 13.2, 13.3], [5.0, 5.3, 5.1]),
+    "LB+LR+GBN+RA": ([13.0, 13.1, 13.2], [4.0, 4.2, 4.1]),
+}
+UPDATES = {"SB": 640, "LB": 20, "LB+LR": 20, "LB+LR+GBN": 20, "LB+LR+GBN+RA": 640}
+EPOCHS = {"SB": 5, "LB": 5, "LB+LR": 5, "LB+LR+GBN": 5, "LB+LR+GBN+RA": 160}
+
+
+def make_grid(grid_dir: Path, errors: dict, paper: dict | None = PAPER) -> Path:
+    write_grid_toml(grid_dir, paper)
+    for arm, (val, train) in errors.items():
+        for seed in SEEDS:
+            write_run(
+                grid_dir, arm, seed, val_error=val[seed], train_error=train[seed],
+                updates=UPDATES[arm], epochs=EPOCHS[arm],
+                wall_time_s=10.0 + seed + UPDATES[arm] / 10, samples_per_s=1000.0 + 100 * seed,
+            )  # fmt: skip
+    return grid_dir
+
+
+def _text(grid_dir: Path) -> str:
+    grid = load_grid(grid_dir)
+    rows = arm_rows(grid)
+    return " ".join(narrative(grid, rows, {}))
+
+
+def test_table_values_equal_the_runs(tmp_path):
+    grid_dir = make_grid(tmp_path / "g", GAP_GRID)
+    rows = {r.arm: r for r in arm_rows(load_grid(grid_dir))}
+    assert list(rows) == list(ARMS)
+    md_path, html_path = write_report(grid_dir)
+    md = md_path.read_text()
+    for arm, (val, train) in GAP_GRID.items():
+        mean, std = float(np.mean(val)), float(np.std(val, ddof=1))
+        row = rows[arm]
+        assert row.n_seeds == 3
+        assert row.val_error_mean == pytest.approx(mean)
+        assert row.val_error_std == pytest.approx(std)
+        assert row.train_error_mean == pytest.approx(np.mean(train))
+        assert row.best_val_error_mean == pytest.approx(mean - 0.1)
+        assert row.updates == UPDATES[arm] and row.epochs == EPOCHS[arm]
+        assert row.wall_time_s == pytest.approx(11.0 + UPDATES[arm] / 10)
+        assert row.samples_per_s == pytest.approx(1100.0)
+        line = next(li for li in md.splitlines() if li.startswith(f"| {arm} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{mean:.2f} ± {std:.2f}"
+        assert cells[2] == f"{100 - mean:.2f}"
+        assert cells[3] == f"{PAPER[arm]:.2f}"  # the paper's accuracy beside ours
+        assert cells[6] == "3" and cells[7] == str(UPDATES[arm]) and cells[8] == str(EPOCHS[arm])
+    html = html_path.read_text()
+    assert "87.80" in html and "paper accuracy %" in html
+
+
+def test_paper_column_absent_without_paper_numbers(tmp_path):
+    md_path, _ = write_report(make_grid(tmp_path / "g", GAP_GRID, paper=None))
+    assert "paper accuracy" not in md_path.read_text()
+
+
+def test_paragraph_follows_the_numbers(tmp_path):
+    gap = _text(make_grid(tmp_path / "gap", GAP_GRID))
+    sb, lb = np.mean(GAP_GRID["SB"][0]), np.mean(GAP_GRID["LB"][0])
+    assert f"ends {lb - sb:.2f} points worse than SB" in gap
+    assert "a generalization gap" in gap
+    assert "LB+LR+GBN+RA closes the gap" in gap
+    assert "Arms within SB's seed spread: LB+LR+GBN+RA." in gap
+    assert "LB+LR recovers" in gap and "LB+LR+GBN recovers" in gap
+
+    none = _text(make_grid(tmp_path / "none", NO_GAP_GRID))
+    assert "no clear generalization gap" in none
+    assert "closes the gap" not in none and "a generalization gap." not in none
+
+
+def test_remedy_below_lb_is_stated_honestly(tmp_path):
+    errors = dict(GAP_GRID)
+    errors["LB+LR"] = ([40.0, 55.0, 47.0], [38.0, 52.0, 45.0])  # the ×32 demo's +LR collapse
+    text = _text(make_grid(tmp_path / "g", errors))
+    assert "LB+LR is below LB" in text
+    assert "only 20 updates the sqrt-scaled lr 0.1 is unstable" in text
+    assert "LB+LR recovers" not in text
+
+
+def test_missing_and_incomplete_runs_are_reported(tmp_path):
+    grid_dir = make_grid(tmp_path / "g", GAP_GRID)
+    (grid_dir / "lb" / "seed1" / "summary.json").unlink()  # half-finished run
+    for f in (grid_dir / "sb" / "seed2").iterdir():
+        f.unlink()
+    (grid_dir / "sb" / "seed2").rmdir()  # never started
+    md_path, html_path = write_report(grid_dir)
+    md = md_path.read_text()
+    assert "2 of 15 runs are not complete" in md
+    assert "SB seed 2 (missing)" in md and "LB seed 1 (incomplete)" in md
+    rows = {r.arm: r for r in arm_rows(load_grid(grid_dir))}
+    assert rows["SB"].seeds == [0, 1] and rows["LB"].seeds == [0, 2]
+    assert rows["LB"].val_error_mean == pytest.approx(np.mean([17.0, 16.9]))
+
+
+def test_empty_grid_still_reports(tmp_path):
+    write_grid_toml(tmp_path / "g")
+    md_path, html_path = write_report(tmp_path / "g")
+    assert "15 of 15 runs are not complete" in md_path.read_text()
+    assert html_path.is_file()
+
+
+def test_grid_without_grid_toml_is_inferred_from_directories(tmp_path):
+    grid_dir = tmp_path / "g"
+    for arm in ("SB", "LB"):
+        for seed in (0, 3):
+            write_run(grid_dir, arm, seed, val_error=10.0 + seed, train_error=1.0,
+                      updates=100, epochs=5)  # fmt: skip
+    grid = load_grid(grid_dir)
+    assert grid.arms == ["SB", "LB"] and grid.seeds == [0, 3]
+    assert not grid.missing_runs()
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_is_self_contained_and_parses(tmp_path):
+    _, html_path = write_report(make_grid(tmp_path / "g", GAP_GRID))
+    text = html_path.read_text()
+    parser = _Collector()
+    parser.feed(text)
+    parser.close()
+    tags = [t for t, _ in parser.tags]
+    assert tags.count("table") == 1
+    assert tags.count("tr") == 1 + len(ARMS)
+    images = [a for t, a in parser.tags if t == "img"]
+    assert len(images) >= 3
+    for attrs in images:
+        prefix = "data:image/png;base64,"
+        assert attrs["src"].startswith(prefix)
+        assert base64.b64decode(attrs["src"][len(prefix) :]).startswith(b"\x89PNG\r\n\x1a\n")
+    for _, attrs in parser.tags:
+        for key in ("src", "href"):
+            assert not str(attrs.get(key, "")).startswith(("http:", "https:", "//"))
+    assert "<script" not in text and "<link" not in text and "@import" not in text
+    assert all((tmp_path / "g" / "figures" / n).is_file() for n in ("val_error_epochs.png",))
+
+
+def test_log_fit_recovers_known_diffusion(tmp_path):
+    grid_dir = tmp_path / "g"
+    for seed in SEEDS:
+        write_run(grid_dir, "SB", seed, val_error=13.0, train_error=5.0, updates=640, epochs=5,
+                  drop_update=400, a=0.7, b=1.3)  # fmt: skip
+    grid = load_grid(grid_dir)
+    fit = diffusion_fit(grid, "SB")
+    assert fit.end_update == 400  # the first lr drop, as in the paper
+    assert fit.log_a == pytest.approx(0.7, abs=1e-6)
+    assert fit.log_b == pytest.approx(1.3, abs=1e-6)
+    assert fit.log_r2 == pytest.approx(1.0, abs=1e-9)
+    assert fit.sqrt_r2 < 0.99  # the contrast fit is visibly worse on logarithmic growth
+    text = " ".join(narrative(grid, arm_rows(grid), {"SB": fit}))
+    assert "0.7 + 1.3·ln t" in text and "log t fits better" in text
+
+
+def test_initial_phase_end_handles_warmup_and_constant_lr():
+    warm = [{"updates": u, "lr": min(1.0, u / 10) if u < 50 else 0.1} for u in range(1, 80)]
+    assert initial_phase_end(warm) == 50
+    assert initial_phase_end([{"updates": u, "lr": 0.1} for u in range(1, 10)]) == math.inf
