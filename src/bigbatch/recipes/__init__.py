@@ -1,0 +1,33 @@
+"""Large-batch recipes as pure functions of plain data: lr scaling, regimes and their adaptation.
+
+Hoffer et al. 2017: scale the lr by sqrt(B / B0) (+LR) and train B / B0 times more epochs with every
+milestone stretched (+RA), so a large batch takes as many updates as the small batch it replaces.
+"""
+
+from __future__ import annotations
+
+from bigbatch.recipes.regime import (
+    SCHEDULES,
+    Regime,
+    adapt_regime,
+    apply_settings,
+    build_optimizer,
+    format_adaptation_table,
+    num_updates,
+    updates_per_epoch,
+)
+from bigbatch.recipes.scaling import SCALING_RULES, lr_scale_factor, scale_lr
+
+__all__ = [
+    "SCALING_RULES",
+    "SCHEDULES",
+    "Regime",
+    "adapt_regime",
+    "apply_settings",
+    "build_optimizer",
+    "format_adaptation_table",
+    "lr_scale_factor",
+    "num_updates",
+    "scale_lr",
+    "updates_per_epoch",
+]
