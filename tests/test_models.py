@@ -251,6 +251,13 @@ def test_bad_shape_arguments(key, value):
         models.create("f1", **{key: value})
 
 
+def test_image_size_may_be_a_square_pair():
+    model = models.create("c1", image_size=(28, 28), in_channels=1, width=4, fc_sizes=[8])
+    assert model.classifier[0].in_features == 4 * 6 * 6
+    with pytest.raises(ConfigError, match="square"):
+        models.create("c1", image_size=(28, 32))
+
+
 def test_shape_defaults_follow_the_default_dataset():
     assert models.create("wresnet16_4").fc.out_features == 100
     assert models.create("f1").layers[0].in_features == 784

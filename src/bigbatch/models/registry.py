@@ -250,7 +250,8 @@ def create(
         name: a name from :func:`names`.
         num_classes: number of outputs.
         in_channels: channels of the input images.
-        image_size: height (= width) of the input images in pixels.
+        image_size: height (= width) of the input images in pixels; a square ``(h, w)`` pair is
+            accepted too.
         **options: model-specific options (e.g. ``hidden``/``depth`` for ``f1``); see each builder.
 
     Returns:
@@ -283,6 +284,12 @@ def create(
         "in_channels": default_channels if in_channels is None else in_channels,
         "image_size": default_size if image_size is None else image_size,
     }
+    size = shape["image_size"]
+    if isinstance(size, (tuple, list)):
+        # Datasets may describe their size as (height, width); the models take square inputs.
+        if len(size) != 2 or size[0] != size[1]:
+            raise ConfigError(f"image_size must be an int or a square (h, w) pair, got {size!r}")
+        shape["image_size"] = size[0]
     for key, value in shape.items():
         _check_positive_int(key, value)
     return entry.builder(**shape, **options)
