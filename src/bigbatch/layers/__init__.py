@@ -1,0 +1,20 @@
+"""Layers: ghost batch normalization and the converter that puts it into (and takes it out of) a model."""
+
+from bigbatch.layers.convert import convert_ghost_batchnorm, revert_ghost_batchnorm
+from bigbatch.layers.ghost_bn import (
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    ghost_batch_norm,
+)
+
+__all__ = [
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "convert_ghost_batchnorm",
+    "ghost_batch_norm",
+    "revert_ghost_batchnorm",
+]
