@@ -11,7 +11,7 @@ from torch import nn
 
 
 class ChunkedBatchNorm(nn.Module):
-    """Holds a plain ``nn.BatchNorm`` and applies it slice by slice in training, whole in evaluation."""
+    """A plain ``nn.BatchNorm`` applied slice by slice in training, whole in evaluation."""
 
     def __init__(self, bn: nn.Module, ghost_batch_size: int) -> None:
         super().__init__()

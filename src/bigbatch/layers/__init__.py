@@ -1,4 +1,4 @@
-"""Layers: ghost batch normalization and the converter that puts it into (and takes it out of) a model."""
+"""Layers: ghost batch normalization, and the converter that puts it into a model and back."""
 
 from bigbatch.layers.convert import convert_ghost_batchnorm, revert_ghost_batchnorm
 from bigbatch.layers.ghost_bn import (

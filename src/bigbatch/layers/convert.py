@@ -1,9 +1,9 @@
 """Swap every batch-norm layer of a model for its ghost counterpart, and back.
 
-Shaped like ``nn.SyncBatchNorm.convert_sync_batchnorm``: recurse over the children, build the new layer
-around the *same* Parameter and buffer objects (so optimizers, ``requires_grad``, device and dtype carry
-over, and a checkpoint of either model loads into the other), copy ``training``, and return the module
-(a new object if the root itself was converted).
+Shaped like ``nn.SyncBatchNorm.convert_sync_batchnorm``: recurse over the children, build the new
+layer around the *same* Parameter and buffer objects (so optimizers, ``requires_grad``, device and
+dtype carry over, and a checkpoint of either model loads into the other), copy ``training``, and
+return the module (a new object if the root itself was converted).
 
 Mapping, exact types only (a subclass of ``nn.BatchNorm2d`` may change ``forward``, e.g. fuse an
 activation, so it is left alone):
@@ -11,9 +11,10 @@ activation, so it is left alone):
     nn.BatchNorm1d   <->  GhostBatchNorm1d
     nn.BatchNorm2d   <->  GhostBatchNorm2d
     nn.BatchNorm3d   <->  GhostBatchNorm3d
-    nn.SyncBatchNorm <->  GhostBatchNorm (rank-agnostic, as SyncBatchNorm is; its input rank is unknown
-                          until forward). Ghost statistics are per process, never synchronised; the
-                          process group is kept on the layer so that reverting restores it.
+    nn.SyncBatchNorm <->  GhostBatchNorm (rank-agnostic, as SyncBatchNorm is; its input rank
+                          is unknown until forward). Ghost statistics are per process, never
+                          synchronised; the process group is kept on the layer so that
+                          reverting restores it.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def _refuse_wrapped(module: nn.Module) -> None:
 
     if isinstance(module, DistributedDataParallel):
         raise ValueError(
-            "cannot convert a DistributedDataParallel-wrapped model: its buffers and gradient buckets "
-            "are already registered; convert model.module, then wrap again"
+            "cannot convert a DistributedDataParallel-wrapped model: its buffers and gradient "
+            "buckets are already registered; convert model.module, then wrap again"
         )
 
 
@@ -76,10 +77,10 @@ def _rebuild(module: nn.Module, cls: type[nn.Module], **kwargs) -> nn.Module:
 def convert_ghost_batchnorm(module: nn.Module, ghost_batch_size: int = 128) -> nn.Module:
     """Replace every batch-norm layer in ``module`` with ghost batch norm of ``ghost_batch_size``.
 
-    The model is changed in place (its children are replaced) and returned; if ``module`` is itself a
-    batch-norm layer, the new ghost layer is returned instead. Existing ghost layers are kept (same
-    object) and set to ``ghost_batch_size``, so converting twice with the same size changes nothing and
-    converting again with another size re-sizes every ghost layer.
+    The model is changed in place (its children are replaced) and returned; if ``module`` is itself
+    a batch-norm layer, the new ghost layer is returned instead. Existing ghost layers are kept
+    (same object) and set to ``ghost_batch_size``, so converting twice with the same size changes
+    nothing and converting again with another size re-sizes every ghost layer.
 
     Args:
         module: the model (not wrapped in DistributedDataParallel).
@@ -116,8 +117,8 @@ def revert_ghost_batchnorm(module: nn.Module) -> nn.Module:
     """The inverse of ``convert_ghost_batchnorm``: every ghost layer back to its ``nn`` batch norm.
 
     Same Parameter and buffer objects, ``training`` kept; ``GhostBatchNorm`` becomes
-    ``nn.SyncBatchNorm`` with its original process group. Returns the module (a new object if the root
-    itself was a ghost layer).
+    ``nn.SyncBatchNorm`` with its original process group. Returns the module (a new object if the
+    root itself was a ghost layer).
 
     Raises:
         ValueError: for a DistributedDataParallel-wrapped model.

@@ -1,17 +1,18 @@
 """Ghost Batch Normalization (Hoffer, Hubara, Soudry 2017, Algorithm 1), vectorised.
 
-In training, ``GhostBatchNorm*d(x)`` equals applying the matching ``nn.BatchNorm*d`` (same weight, bias
-and buffers) to each slice of ``x.split(ghost_batch_size)`` in order and concatenating the results:
-outputs, gradients, ``running_mean``, ``running_var`` and ``num_batches_tracked`` all match, including a
-shorter last ghost batch, ``momentum=None`` and ``track_running_stats=False``. In evaluation it *is*
-``nn.BatchNorm*d``. ``tests/test_ghost_bn.py`` proves this against ``tests/reference.py``.
+In training, ``GhostBatchNorm*d(x)`` equals applying the matching ``nn.BatchNorm*d`` (same weight,
+bias and buffers) to each slice of ``x.split(ghost_batch_size)`` in order and concatenating the
+results: outputs, gradients, ``running_mean``, ``running_var`` and ``num_batches_tracked`` all
+match, including a shorter last ghost batch, ``momentum=None`` and ``track_running_stats=False``. In
+evaluation it *is* ``nn.BatchNorm*d``. ``tests/test_ghost_bn.py`` proves this against
+``tests/reference.py``.
 
 How it is fast. The official code runs forward and backward once per ghost batch. Here the batch is
-viewed, without a copy, as ``(k, g, ...)`` ghost groups (plus at most one shorter remainder group), and
-one custom autograd Function computes every ghost batch's statistics, output and gradients with a few
-whole-tensor passes, writing into a single output buffer (so the memory traffic and allocations match
-``nn.BatchNorm``). The running statistics after k ghost batches are applied in closed form (see
-``_update_running_stats``) instead of k sequential updates.
+viewed, without a copy, as ``(k, g, ...)`` ghost groups (plus at most one shorter remainder group),
+and one custom autograd Function computes every ghost batch's statistics, output and gradients with
+a few whole-tensor passes, writing into a single output buffer (so the memory traffic and
+allocations match ``nn.BatchNorm``). The running statistics after k ghost batches are applied in
+closed form (see ``_update_running_stats``) instead of k sequential updates.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _check_ghost_batch_size(ghost_batch_size: object) -> None:
 
 
 def _check_single_value(x: Tensor, ghost_batch_size: int) -> None:
-    """Refuse a ghost batch with one value per channel, as nn.BatchNorm does, but say why and what to do."""
+    """Refuse a ghost batch with one value per channel (as nn.BatchNorm does), saying what to do."""
     n = x.shape[0]
     values_per_sample = x[0, 0].numel() if n else 1
     last = n - (-(-n // ghost_batch_size) - 1) * ghost_batch_size
@@ -55,20 +56,21 @@ def _check_single_value(x: Tensor, ghost_batch_size: int) -> None:
         return
     if n == 1:
         raise ValueError(
-            f"a batch of 1 sample with no spatial positions has a single value per channel, which batch "
-            f"norm cannot normalise in training (ghost_batch_size={ghost_batch_size}); use a batch of at "
-            f"least 2 samples"
+            f"a batch of 1 sample with no spatial positions has a single value per channel, "
+            f"which batch norm cannot normalise in training (ghost_batch_size={ghost_batch_size}); "
+            f"use a batch of at least 2 samples"
         )
     if ghost_batch_size == 1:
         raise ValueError(
-            f"ghost_batch_size=1 gives ghost batches of 1 sample with a single value per channel, which "
-            f"batch norm cannot normalise in training (batch of {n}); use ghost_batch_size >= 2"
+            f"ghost_batch_size=1 gives ghost batches of 1 sample with a single value per channel, "
+            f"which batch norm cannot normalise in training (batch of {n}); use "
+            f"ghost_batch_size >= 2"
         )
     raise ValueError(
-        f"a batch of {n} with ghost_batch_size={ghost_batch_size} leaves a last ghost batch of 1 sample "
-        f"(a single value per channel), which batch norm cannot normalise in training; use a ghost size "
-        f"that divides the batch or leaves a remainder of at least 2 samples, or a batch size that is not "
-        f"1 more than a multiple of {ghost_batch_size}"
+        f"a batch of {n} with ghost_batch_size={ghost_batch_size} leaves a last ghost batch of 1 "
+        f"sample (a single value per channel), which batch norm cannot normalise in training; use "
+        f"a ghost size that divides the batch or leaves a remainder of at least 2 samples, or a "
+        f"batch size that is not 1 more than a multiple of {ghost_batch_size}"
     )
 
 
@@ -79,9 +81,17 @@ def _check_single_value(x: Tensor, ghost_batch_size: int) -> None:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+    if (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
         return torch.channels_last_3d
     return torch.contiguous_format
 
@@ -108,7 +118,7 @@ def _from_3d(t3: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
 
 
 def _groups(t3: Tensor, ghost_batch_size: int) -> list[Tensor]:
-    """(k, g, A, B) view of the ghost batches that fill the batch, then (1, r, A, B) for a remainder r."""
+    """(k, g, A, B) view of the full ghost batches, then (1, r, A, B) for a shorter last one."""
     n = t3.shape[0]
     k = n // ghost_batch_size
     full = k * ghost_batch_size
@@ -121,17 +131,17 @@ def _groups(t3: Tensor, ghost_batch_size: int) -> list[Tensor]:
 class _GhostBatchNormFunction(torch.autograd.Function):
     """Per-ghost-batch normalisation with a hand-written backward.
 
-    Forward, per ghost batch and channel over M = (samples x spatial) values: mean mu, biased variance
-    var, invstd = 1/sqrt(var + eps), y = x * (w * invstd) + (b - mu * w * invstd).
+    Forward, per ghost batch and channel over M = (samples x spatial) values: mean mu, biased
+    variance var, invstd = 1/sqrt(var + eps), y = x * (w * invstd) + (b - mu * w * invstd).
     Backward, with the standard batch-norm gradient (x_hat = (x - mu) * invstd):
         dL/dx = w * invstd * (dy - sum(dy)/M - x_hat * sum(dy * x_hat)/M)
               = A * dy + B * x + D,  A = w*invstd, B = -A*invstd^2*sum(dy*(x-mu))/M,
                                      D = -A*sum(dy)/M - B*mu
         dL/dw = sum over ghost batches of invstd * sum(dy * (x - mu)),   dL/db = sum(dy).
-    Each quantity is a whole-tensor reduction or an fused multiply-add over the (k, g, ...) view, so the
-    backward does the work of one nn.BatchNorm backward with two allocations fewer than autograd through
-    the same forward ops. ``test_gradcheck`` proves it; double backward recomputes the forward with
-    differentiable ops (``test_gradgradcheck``).
+    Each quantity is a whole-tensor reduction or an fused multiply-add over the (k, g, ...) view,
+    so the backward does the work of one nn.BatchNorm backward with two allocations fewer than
+    autograd through the same forward ops. ``test_gradcheck`` proves it; double backward recomputes
+    the forward with differentiable ops (``test_gradgradcheck``).
 
     Returns the output and, as non-differentiable outputs, the per-ghost means and biased variances
     ``(G, C)`` for the running statistics.
@@ -154,6 +164,7 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         for xg, og in zip(
             _groups(_to_3d(xc, channels_last), ghost_batch_size),
             _groups(_to_3d(out, channels_last), ghost_batch_size),
+            strict=True,
         ):
             count = xg.shape[1] * xg.shape[dims[1]]
             mean = xg.sum(dims, keepdim=True).div_(count)
@@ -179,7 +190,7 @@ class _GhostBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, bias, *stats = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recomputation
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation instead
             return _double_backward(ctx, x, weight, bias, grad_out)
         g = ctx.ghost_batch_size
         means, invstds = stats[: len(stats) // 2], stats[len(stats) // 2 :]
@@ -198,6 +209,7 @@ class _GhostBatchNormFunction(torch.autograd.Function):
             _groups(_to_3d(dx, channels_last), g),
             means,
             invstds,
+            strict=True,
         ):
             count = xg.shape[1] * xg.shape[dims[1]]
             sum_dy = dyg.sum(dims, keepdim=True)
@@ -248,11 +260,14 @@ def _ghost_normalize_autograd(x: Tensor, weight, bias, ghost_batch_size: int, ep
 
 
 def _double_backward(ctx, x, weight, bias, grad_out):
-    inputs = [t for t, needed in zip((x, weight, bias), ctx.needs_input_grad[:3]) if needed]
+    inputs = [
+        t for t, needed in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True) if needed
+    ]
     with torch.enable_grad():
         y = _ghost_normalize_autograd(x, weight, bias, ctx.ghost_batch_size, ctx.eps)
     grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]) + (None, None)
+    grad_inputs = tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3])
+    return grad_inputs + (None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,13 +283,15 @@ def _update_running_stats(
 ) -> None:
     r"""Apply k = len(batch_mean) sequential batch-norm updates at once, in closed form.
 
-    With momentum m, nn.BatchNorm updates r_{i+1} = (1 - m) r_i + m s_i for each ghost batch i = 0..k-1
+    With momentum m, nn.BatchNorm updates r_{i+1} = (1 - m) r_i + m s_i for each ghost batch i =
+    0..k-1
     in order (s_i its mean, or its unbiased variance for running_var). Unrolling the recursion:
 
         r_k = (1 - m)^k r_0 + sum_{i<k} m (1 - m)^(k-1-i) s_i,
 
-    a weighted sum whose weights are computed once as a (k, 1) tensor. With momentum=None nn.BatchNorm
-    first increments n = num_batches_tracked, then uses m = 1/n, i.e. n r_n = (n - 1) r_{n-1} + s_n.
+    a weighted sum whose weights are computed once as a (k, 1) tensor. With momentum=None
+    nn.BatchNorm first increments n = num_batches_tracked, then uses m = 1/n, i.e. n r_n = (n - 1)
+    r_{n-1} + s_n.
     Telescoping from n0 = num_batches_tracked before the call to n0 + k:
 
         (n0 + k) r = n0 r_0 + sum_i s_i,   so   r = (n0 r_0 + sum_i s_i) / (n0 + k),
@@ -323,18 +340,19 @@ def ghost_batch_norm(
 ) -> Tensor:
     """Batch norm with statistics from consecutive ghost batches of ``ghost_batch_size`` samples.
 
-    In training this equals ``F.batch_norm`` applied to each slice of ``x.split(ghost_batch_size)`` in
-    turn (running statistics updated once per ghost batch, in order) and the results concatenated; a
-    batch no larger than one ghost batch is plain ``F.batch_norm``. In evaluation
+    In training this equals ``F.batch_norm`` applied to each slice of ``x.split(ghost_batch_size)``
+    in turn (running statistics updated once per ghost batch, in order) and the results
+    concatenated; a batch no larger than one ghost batch is plain ``F.batch_norm``. In evaluation
     (``training=False``) it is ``F.batch_norm`` with the running statistics.
 
     Args:
         x: input ``(N, C, *)``; contiguous or channels_last.
-        running_mean, running_var: ``(C,)`` buffers updated in place in training, or None to not track.
-        weight, bias: optional ``(C,)`` affine parameters.
+        running_mean, running_var: ``(C,)`` buffers updated in place in training, or None to not
+        track. weight, bias: optional ``(C,)`` affine parameters.
         ghost_batch_size: samples per ghost batch (the last one may be shorter).
         training: use (ghost) batch statistics and update the running ones.
-        momentum: weight of each ghost batch in the running statistics, ``r = (1 - m) r + m s``, as in
+        momentum: weight of each ghost batch in the running statistics, ``r = (1 - m) r + m s``, as
+        in
             ``nn.BatchNorm``; None for a cumulative average (needs ``num_batches_tracked``).
         eps: added to the variance.
         num_batches_tracked: optional counter buffer, increased by the number of ghost batches.
@@ -343,7 +361,8 @@ def ghost_batch_norm(
         Tensor of the shape, dtype and memory format of ``x``.
 
     Raises:
-        ValueError: for a bad ``ghost_batch_size``, an input of rank < 2, a ghost batch with a single
+        ValueError: for a bad ``ghost_batch_size``, an input of rank < 2, a ghost batch with a
+        single
             value per channel in training, or ``training=False`` without running statistics.
 
     Example:
@@ -380,7 +399,12 @@ def ghost_batch_norm(
         y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
         with torch.no_grad():
             _update_running_stats(
-                running_mean, running_var, batch_mean[None], batch_var[None], None, num_batches_tracked
+                running_mean,
+                running_var,
+                batch_mean[None],
+                batch_var[None],
+                None,
+                num_batches_tracked,
             )
         return y
     y, batch_mean, batch_var = _GhostBatchNormFunction.apply(x, weight, bias, ghost_batch_size, eps)
@@ -470,18 +494,19 @@ class _GhostBatchNorm(_BatchNorm):
 _DOC_TEMPLATE = r"""Ghost batch normalization over {shape} input (Hoffer et al. 2017, Algorithm 1).
 
     In training, equals ``{bn}`` (same parameters and buffers) applied to each slice of
-    ``x.split(ghost_batch_size)`` in turn: each ghost batch is normalised with its own mean and biased
-    variance, and the running statistics are updated once per ghost batch, in order (so
-    ``num_batches_tracked`` grows by the number of ghost batches). The last ghost batch may be shorter.
-    In evaluation it is ``{bn}``. Parameters, buffers and ``state_dict`` keys are those of ``{bn}``,
-    so checkpoints load both ways.
+    ``x.split(ghost_batch_size)`` in turn: each ghost batch is normalised with its own mean and
+    biased variance, and the running statistics are updated once per ghost batch, in order (so
+    ``num_batches_tracked`` grows by the number of ghost batches). The last ghost batch may be
+    shorter. In evaluation it is ``{bn}``. Parameters, buffers and ``state_dict`` keys are those of
+    ``{bn}``, so checkpoints load both ways.
 
     Args:
         num_features: C, the number of channels.
         ghost_batch_size: samples per ghost batch; 128 in the paper.
         eps: added to the variance for numerical stability.
         momentum: weight of a ghost batch's statistics in the running ones, ``r = (1 - m) r + m s``
-            (as in PyTorch, the opposite of the optimizer convention); None for a cumulative average.
+            (as in PyTorch, the opposite of the optimizer convention); None for a cumulative
+            average.
         affine: learn a per-channel weight and bias.
         track_running_stats: keep running statistics for evaluation; if False, batch statistics are
             used in evaluation too (over the whole batch, as ``{bn}`` does).
@@ -493,7 +518,8 @@ _DOC_TEMPLATE = r"""Ghost batch normalization over {shape} input (Hoffer et al. 
         - Output: same shape, dtype and memory format as the input.
 
     Raises:
-        ValueError: for a bad ``ghost_batch_size``, a wrong input rank, or a ghost batch with a single
+        ValueError: for a bad ``ghost_batch_size``, a wrong input rank, or a ghost batch with a
+        single
             value per channel in training.
 
     Example:
@@ -518,9 +544,9 @@ class GhostBatchNorm3d(_GhostBatchNorm):
 class GhostBatchNorm(_GhostBatchNorm):
     """Rank-agnostic ghost batch norm: the counterpart of ``nn.SyncBatchNorm`` in the converter.
 
-    Accepts any input ``(N, C, *)``, like ``nn.SyncBatchNorm``. Ghost statistics are computed on each
-    process's own samples and never synchronised: a ghost batch lies inside one process's batch, which
-    is the point of ghost batch norm. ``process_group`` is kept only so that
+    Accepts any input ``(N, C, *)``, like ``nn.SyncBatchNorm``. Ghost statistics are computed on
+    each process's own samples and never synchronised: a ghost batch lies inside one process's
+    batch, which is the point of ghost batch norm. ``process_group`` is kept only so that
     ``revert_ghost_batchnorm`` restores the original ``nn.SyncBatchNorm``.
     """
 
