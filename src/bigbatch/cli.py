@@ -1,0 +1,456 @@
+"""Command-line interface: ``bigbatch train | models | regime | download | reproduce | report``.
+
+``main(argv)`` returns an exit code. Errors caused by the user's input (bigbatch's own exception
+types, and ``ValueError`` raised inside bigbatch, e.g. by a ghost batch norm layer) are printed as
+one line, ``bigbatch: error: <message>``, with exit code 2 and no traceback; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from bigbatch.errors import BigBatchError, ConfigError
+
+__all__ = ["build_parser", "main"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+_TRAIN_EPILOG = """\
+examples:
+  # the paper's recipe for F1 at batch 4096: +LR (sqrt), +GBN (ghost 128), +RA, clipping at 5
+  bigbatch train --model f1 --dataset fashion-mnist --batch-size 4096 --ghost-batch-size 128 \\
+      --lr-scaling sqrt --regime-adaptation --clip 5
+
+  # a quick run on the built-in synthetic data, with a small model
+  bigbatch train --model f1 --model-option hidden=32 --dataset synthetic --epochs 2
+
+  # a config file sets the defaults, flags override it
+  bigbatch train --config run.toml --seed 1
+
+  # continue a run that was interrupted (reads RUN_DIR/config.toml)
+  bigbatch train --resume runs/f1-fashion-mnist-b4096-g128-s0-20261126-120000
+
+outputs (in --out): config.toml, metrics.csv/.jsonl (one row per evaluation), diffusion.csv/.jsonl
+(weight distance from initialisation), checkpoints/last.pt and best.pt, summary.json.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=100)
+
+
+def _default(key: str) -> str:
+    """``(default: X)`` text from RunConfig, the single source of defaults."""
+    import dataclasses
+
+    from bigbatch.train.config import RunConfig
+
+    field = {f.name: f for f in dataclasses.fields(RunConfig)}[key]
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    shown = {None: "none", True: "on", False: "off"}.get(value, value) if not isinstance(
+        value, (int, float)) or isinstance(value, bool) else value
+    return f"(default: {shown})"
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a TOML value (``32``, ``0.5``, ``true``, ``"x"``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def _add_regime_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--base-batch-size", type=int, metavar="B0",
+                       help=f"batch size the regime was tuned for {_default('base_batch_size')}")
+    group.add_argument("--lr-scaling", choices=["none", "sqrt", "linear"],
+                       help="scale every lr by (B/B0)**0.5 (sqrt, the paper) or B/B0 "
+                            f"{_default('lr_scaling')}")
+    group.add_argument("--regime-adaptation", action=argparse.BooleanOptionalAction,
+                       help="train B/B0 times more epochs, every milestone stretched (+RA) "
+                            f"{_default('regime_adaptation')}")
+    group.add_argument("--regime-adaptation-factor", type=float, metavar="F",
+                       help="stretch epochs and milestones by F instead of B/B0")
+    group.add_argument("--warmup-epochs", type=float, metavar="E",
+                       help="linear lr warm-up from the base lr over E epochs "
+                            f"{_default('warmup_epochs')}")
+    group.add_argument("--epochs", type=float, metavar="E",
+                       help="rescale the base regime to E epochs (milestones move proportionally; "
+                            "default: the regime's own)")
+    group.add_argument("--regime", type=Path, metavar="FILE",
+                       help="regime TOML/YAML file (default: the model's regime)")
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one model (one run directory)", formatter_class=_HelpFormatter,
+        description="Train one model with large-batch recipes; writes a run directory.",
+        epilog=_TRAIN_EPILOG,
+    )
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML or YAML run config; flags below override its values")
+    g.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (uses its "
+                        "config.toml)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help=f"registered model, see `bigbatch models` {_default('model')}")
+    g.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE",
+                   dest="model_options", help="model builder option, e.g. hidden=64 (repeatable)")
+    g.add_argument("--dataset", help=f"dataset name {_default('dataset')}")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="dataset directory (default: the dataset's own)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction,
+                   help=f"download the dataset if missing {_default('download')}")
+    g.add_argument("--train-subset", type=int, metavar="N",
+                   help="train on a fixed subset of N samples (the same for every seed)")
+    g.add_argument("--held-out", type=int, metavar="N",
+                   help="validate on N held-out training samples instead of the test set")
+    g = p.add_argument_group("batch")
+    g.add_argument("--batch-size", type=int, metavar="B",
+                   help=f"global batch size (samples per update) {_default('batch_size')}")
+    g.add_argument("--ghost-batch-size", type=int, metavar="G",
+                   help="ghost batch norm with G samples per ghost batch (+GBN; default: plain BN)")
+    g.add_argument("--micro-batch-size", type=int, metavar="M",
+                   help="forward/backward M samples at a time, accumulating gradients "
+                        "(memory only; a multiple of G)")
+    g = p.add_argument_group("regime (learning rate, epochs)")
+    _add_regime_flags(g)
+    g.add_argument("--clip", type=float, metavar="NORM", dest="clip_grad_norm",
+                   help="clip the gradient norm at NORM each update (the paper's code: 5; "
+                        "default: off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help=f"random seed {_default('seed')}")
+    g.add_argument("--device", help=f"auto, cpu, cuda, cuda:N or mps {_default('device')}")
+    g.add_argument("--out", type=Path, metavar="RUN_DIR",
+                   help="run directory "
+                        "(default: runs/<model>-<dataset>-b<B>[-g<G>]-s<seed>-<time>)")
+    g.add_argument("--eval-every", type=int, metavar="N", dest="eval_every_updates",
+                   help="evaluate every N updates (default: every epoch)")
+    g.add_argument("--eval-batch-size", type=int, metavar="N",
+                   help=f"evaluation batch size {_default('eval_batch_size')}")
+    g.add_argument("--amp", choices=["bf16", "none"], help="bfloat16 autocast (default: none)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help=f"torch.compile the model {_default('compile')}")
+    g.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                   help=f"on a NaN/Inf loss or gradient: stop, or skip the update "
+                        f"{_default('on_nonfinite')}")
+    g.add_argument("--progress", choices=["auto", "bar", "log", "none"],
+                   help=f"progress bar on a terminal (auto), bar, log lines, none "
+                        f"{_default('progress')}")
+    g.add_argument("--num-workers", type=int, metavar="N",
+                   help=f"loader worker processes (folder datasets) {_default('num_workers')}")
+    g.add_argument("--checkpoint-every-minutes", type=float, metavar="MIN",
+                   help="also checkpoint mid-epoch every MIN minutes (default: at evaluations)")
+    p.set_defaults(handler=_cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bigbatch`` argument parser with all subcommands."""
+    import bigbatch
+
+    parser = argparse.ArgumentParser(
+        prog="bigbatch", formatter_class=_HelpFormatter,
+        description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
+                    "ghost batch norm, lr scaling, regime adaptation).",
+        epilog="Run `bigbatch COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(sub)
+
+    p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
+                       description="List registered models with their default dataset and regime.")
+    p.set_defaults(handler=_cmd_models)
+
+    p = sub.add_parser(
+        "regime", help="show how a regime is adapted to a batch size",
+        formatter_class=_HelpFormatter,
+        description="Print the model's regime before and after adaptation to --batch-size, as "
+                    "`bigbatch train` with the same flags would run it.",
+        epilog="example:\n  bigbatch regime --model resnet44 --batch-size 4096 --lr-scaling sqrt "
+               "--regime-adaptation",
+    )
+    p.add_argument("--model", required=True, help="registered model")
+    p.add_argument("--batch-size", type=int, required=True, metavar="B", help="large batch size")
+    p.add_argument("--dataset", help="dataset (default: the model's)")
+    p.add_argument("--dataset-size", type=int, metavar="N",
+                   help="training samples (default: --train-subset or the dataset's size)")
+    p.add_argument("--train-subset", type=int, metavar="N", help="as in `bigbatch train`")
+    _add_regime_flags(p.add_argument_group("regime"))
+    p.set_defaults(handler=_cmd_regime)
+
+    p = sub.add_parser("download", help="download a dataset (SHA-256 verified)",
+                       formatter_class=_HelpFormatter,
+                       description="Download a dataset's files and verify their SHA-256.")
+    p.add_argument("name", help="dataset name, e.g. fashion-mnist, cifar10")
+    p.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="where to put it")
+    p.set_defaults(handler=_cmd_download)
+
+    p = sub.add_parser(
+        "reproduce", help="run the paper's experiment grid from a preset, then the report",
+        formatter_class=_HelpFormatter,
+        description="Run every arm (SB, LB, +LR, +GBN, +RA) and seed of a preset, skipping "
+                    "complete runs, then write the report.",
+        epilog="example:\n  bigbatch reproduce --preset demo --out runs/demo",
+    )
+    p.add_argument("--preset", required=True, help="preset name (e.g. demo) or a preset TOML file")
+    p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the preset's)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="grid directory (default: runs/<preset>)")
+    p.add_argument("--device", help="device for every run (default: auto)")
+    p.add_argument("--arms", nargs="+", metavar="ARM",
+                   help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA)")
+    p.add_argument("--epochs", type=float, metavar="E", help="override the base regime's epochs")
+    p.add_argument("--batch-size", type=int, metavar="B", help="override the large batch size")
+    p.set_defaults(handler=_cmd_reproduce)
+
+    p = sub.add_parser("report", help="write the report of a grid directory",
+                       formatter_class=_HelpFormatter,
+                       description="Write report.md and report.html for a `reproduce` grid.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="grid directory")
+    p.set_defaults(handler=_cmd_report)
+    return parser
+
+
+# -- train ----------------------------------------------------------------------------------------
+# Flags of `train` that map 1:1 onto RunConfig keys.
+_TRAIN_KEYS = (
+    "model", "dataset", "data_dir", "download", "train_subset", "held_out", "batch_size",
+    "base_batch_size", "ghost_batch_size", "micro_batch_size", "lr_scaling", "warmup_epochs",
+    "epochs", "clip_grad_norm", "seed", "device", "eval_every_updates", "eval_batch_size", "amp",
+    "compile", "on_nonfinite", "progress", "num_workers", "checkpoint_every_minutes",
+)
+
+
+def _regime_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from bigbatch.train.config import read_config_file
+
+    out: dict[str, Any] = {}
+    if args.regime_adaptation_factor is not None:
+        if args.regime_adaptation is False:
+            raise ConfigError("--no-regime-adaptation contradicts --regime-adaptation-factor")
+        out["regime_adaptation"] = args.regime_adaptation_factor
+    elif args.regime_adaptation is not None:
+        out["regime_adaptation"] = args.regime_adaptation
+    if args.regime is not None:
+        out["regime"] = read_config_file(args.regime)
+    return out
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
+    out.update(_regime_overrides(args))
+    if args.model_options:
+        out["model_options"] = dict(args.model_options)
+    if out.get("amp") == "none":
+        out["amp"] = None
+    return out
+
+
+def _default_run_dir(config: Any) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    ghost = f"-g{config.ghost_batch_size}" if config.ghost_batch_size else ""
+    return Path("runs") / (
+        f"{config.model}-{config.dataset}-b{config.batch_size}{ghost}-s{config.seed}-{stamp}"
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bigbatch.train.config import load_config, merge_config, read_config_file
+    from bigbatch.train.loop import _RESUME_FREE_KEYS, train
+
+    flags = _flag_overrides(args)
+    if args.resume is not None:
+        if args.config is not None or args.out is not None:
+            raise ConfigError("--resume RUN_DIR takes the config and the output dir from RUN_DIR; "
+                              "drop --config/--out")
+        fixed = sorted(k for k in flags if k not in _RESUME_FREE_KEYS)
+        if fixed:
+            flag = "--" + fixed[0].replace("_", "-")
+            raise ConfigError(f"{flag} cannot change on --resume (RUN_DIR/config.toml fixes it); "
+                              "start a new run to change it")
+        config_path = args.resume / "config.toml"
+        if not config_path.is_file():
+            raise ConfigError(f"cannot resume {str(args.resume)!r}: {config_path} not found "
+                              "(not a bigbatch run directory?)")
+        config = merge_config(load_config(config_path), flags)
+        run_dir = args.resume
+    else:
+        base = read_config_file(args.config) if args.config is not None else {}
+        config = merge_config(base, flags)
+        run_dir = args.out if args.out is not None else _default_run_dir(config)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".bigbatch-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: "
+                              f"{e.strerror or e}") from None
+    logging.getLogger("bigbatch").info("run directory: %s", run_dir)
+    summary = train(config, run_dir, resume=args.resume is not None)
+    print(
+        f"{run_dir}: final val error {summary['final_val_error_pct']:.2f}% "
+        f"(best {summary['best_val_error_pct']:.2f}%) after {summary['updates']} updates, "
+        f"{summary['wall_time_s']:.1f} s"
+    )
+    return 0
+
+
+# -- models, regime, download ---------------------------------------------------------------------
+def _regime_summary(regime: dict[str, Any]) -> str:
+    phases = regime.get("phases", [])
+    lrs = " -> ".join(
+        f"{p['lr']:g}" + (f"@{p['epoch']:g}" if i else "")
+        for i, p in enumerate(phases)
+        if "lr" in p
+    )
+    return f"{regime.get('optimizer', 'SGD')} {regime.get('epochs', '?'):g} ep, lr {lrs}"
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from bigbatch import models
+
+    rows = [("model", "dataset", "regime", "clip", "description")]
+    for name in models.names():
+        spec = models.get_spec(name)
+        clip = "-" if spec.default_clip_grad_norm is None else f"{spec.default_clip_grad_norm:g}"
+        rows.append((name, spec.default_dataset, _regime_summary(spec.default_regime), clip,
+                     spec.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return 0
+
+
+_STANDARD_TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000,
+                         "cifar100": 50000, "imagenet": 1281167}
+
+
+def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
+    if args.dataset_size is not None:
+        return args.dataset_size
+    if args.train_subset is not None:
+        return args.train_subset
+    from bigbatch import data
+
+    info = data.DATASETS.get(dataset)
+    for attr in ("num_train", "train_size", "num_train_samples"):
+        if info is not None and getattr(info, attr, None):
+            return int(getattr(info, attr))
+    if dataset in _STANDARD_TRAIN_SIZES:
+        return _STANDARD_TRAIN_SIZES[dataset]
+    raise ConfigError(f"training-set size of {dataset!r} unknown; pass --dataset-size N")
+
+
+def _cmd_regime(args: argparse.Namespace) -> int:
+    from bigbatch import models
+    from bigbatch.recipes import format_adaptation_table
+    from bigbatch.train.config import RunConfig, resolve_regime
+
+    dataset = args.dataset or models.get_spec(args.model).default_dataset
+    keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
+    for k in ("base_batch_size", "lr_scaling", "warmup_epochs", "epochs", "train_subset"):
+        if getattr(args, k) is not None:
+            keys[k] = getattr(args, k)
+    keys.update(_regime_overrides(args))
+    config = RunConfig.from_dict(keys)
+    size = _dataset_size(args, dataset)
+    before, after = resolve_regime(config, size)
+    print(f"{config.model} on {dataset} ({size} training samples), lr scaling "
+          f"{config.lr_scaling}, regime adaptation {config.regime_adaptation}")
+    print(format_adaptation_table(before, after, base_batch_size=config.base_batch_size,
+                                  batch_size=config.batch_size, dataset_size=size))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from bigbatch import data
+
+    path = data.download(args.name, args.data_dir)
+    print(f"{args.name}: verified files in {path}")
+    return 0
+
+
+# -- reproduce, report (issue 5's modules, imported when used) -------------------------------------
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from bigbatch.reproduce import run_grid
+
+    overrides = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.batch_size is not None:
+        overrides["large_batch_size"] = args.batch_size
+    out = args.out if args.out is not None else Path("runs") / Path(args.preset).stem
+    grid_dir = run_grid(args.preset, out, seeds=args.seeds, arms=args.arms, device=args.device,
+                        overrides=overrides or None)
+    print(f"grid: {grid_dir}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bigbatch.report import write_report
+
+    md_path, html_path = write_report(args.run_dir)
+    print(f"report: {md_path} and {html_path}")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def _raised_inside_bigbatch(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is bigbatch code (not torch, not ours
+    by accident of a library): our layers raise ValueError for user input such as ghost sizes."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    try:
+        return Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input or divergence, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.handler(args) or 0)
+    except BigBatchError as e:
+        print(f"bigbatch: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not _raised_inside_bigbatch(e):
+            raise
+        print(f"bigbatch: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bigbatch: interrupted (a run continues with `bigbatch train --resume RUN_DIR`)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,766 @@
+"""The training engine: ``train(config, run_dir)``, one small loop you can read in one sitting.
+
+What one run does, in order:
+
+1. build the loaders, the model (ghost batch norm when ``ghost_batch_size`` is set), the optimizer;
+2. for every global batch (one optimizer **update**): set lr/momentum/weight decay from the
+   effective regime at the fractional epoch, run forward/backward (in micro-batches if asked,
+   accumulating gradients), clip the gradient norm, check for NaN/Inf, step;
+3. at every evaluation (each epoch, or every ``eval_every_updates``): validation loss and
+   top-1/top-5 error, the train averages since the last evaluation, the weight distance
+   ||w_t - w_0||; one row to ``metrics.csv``/``.jsonl``, then ``checkpoints/last.pt`` (and
+   ``best.pt``);
+4. the weight distance also at log-spaced updates into ``diffusion.csv``/``.jsonl``;
+5. ``summary.json`` with ``status = "complete"``.
+
+Resume (``train(config, run_dir, resume=True)``) restores the model, optimizer, weight-distance
+origin, RNG states and counters from ``last.pt`` and continues mid-epoch: the loaders are
+deterministic in ``(seed, epoch, step)``, so a resumed run writes the same metrics as an
+uninterrupted one.
+
+Example:
+    >>> from bigbatch.train import RunConfig, train
+    >>> cfg = RunConfig(model="f1", model_options={"hidden": 16, "depth": 2}, dataset="synthetic",
+    ...                 batch_size=256, epochs=1, progress="none")
+    >>> summary = train(cfg, tmp_run_dir)  # doctest: +SKIP
+    >>> summary["status"]  # doctest: +SKIP
+    'complete'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import platform
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import bigbatch
+from bigbatch.errors import ConfigError, DivergenceError
+from bigbatch.train.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bigbatch.train.config import RESOLVED_KEY, RunConfig, base_regime_dict, resolve_regime
+from bigbatch.train.metrics import MetricsLogger, read_rows, truncate_rows
+from bigbatch.train.progress import Progress, resolve_progress_mode
+
+__all__ = ["StepResult", "evaluate", "forward_backward", "train"]
+
+log = logging.getLogger("bigbatch.train")
+
+CHECKPOINT_FORMAT = "bigbatch-checkpoint-v1"
+# Config keys that may differ between a run and its resume: they do not change what is computed
+# (device aside, which the user changes knowingly, e.g. to finish a GPU run on another machine).
+_RESUME_FREE_KEYS = {
+    "device",
+    "progress",
+    "num_workers",
+    "data_dir",
+    "download",
+    "checkpoint_every_minutes",
+    "eval_batch_size",
+}
+_DIFFUSION_CSV_FIELDS = ["updates", "epoch", "lr", "weight_distance"]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Sums over one global batch (this process's part of it under DDP)."""
+
+    loss_sum: torch.Tensor  # sum of per-sample losses (detached)
+    correct: torch.Tensor  # number of top-1 hits
+    num_samples: int
+
+
+@dataclasses.dataclass
+class _Counters:
+    """Everything besides tensors that a checkpoint needs to continue exactly where it stopped."""
+
+    updates: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    best_val_error_pct: float = math.inf
+    wall_time_s: float = 0.0
+    # train averages since the last evaluation
+    train_loss_sum: float = 0.0
+    train_correct: float = 0.0
+    train_samples: int = 0
+    interval_train_time_s: float = 0.0
+    interval_samples: int = 0
+
+
+# -- one step -------------------------------------------------------------------------------------
+def forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+    no_sync: Any = None,
+) -> StepResult:
+    """Forward and backward over one batch, in micro-batches if asked; gradients are accumulated.
+
+    The gradient left in ``.grad`` is that of the *mean* cross-entropy over the global batch: each
+    micro-batch's summed loss is divided by ``global_batch_size``, i.e. its mean loss is weighted by
+    micro size / batch size. With ghost batch norm and ``micro_batch_size`` a multiple of the ghost
+    size, every ghost batch lies inside one micro-batch, so the result equals one pass up to float
+    summation order (``tests/test_train_loop.py::test_micro_batches_match_one_pass``).
+
+    Args:
+        model: the model in training mode (gradients are *added* to ``.grad``: zero them first).
+        x, y: the batch (this process's slice of it under DDP).
+        global_batch_size: samples in the whole global batch (default ``len(x)``).
+        micro_batch_size: chunk size; ``None`` or >= ``len(x)`` runs one pass.
+        autocast: context for the forward pass (e.g. bf16 autocast); ``None`` = none.
+        no_sync: ``callable(is_last) -> context`` that skips DDP's all-reduce on all but the last
+            micro-batch; ``None`` = no DDP.
+
+    Returns:
+        :class:`StepResult` with the detached loss sum and top-1 hits of this batch.
+    """
+    n = x.shape[0]
+    total = global_batch_size or n
+    chunks = (
+        list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
+        if micro_batch_size and micro_batch_size < n
+        else [(x, y)]
+    )
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for i, (xm, ym) in enumerate(chunks):
+        sync = no_sync(i == len(chunks) - 1) if no_sync is not None else contextlib.nullcontext()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                out = model(xm)
+            loss = F.cross_entropy(out.float(), ym, reduction="sum")
+            (loss / total).backward()
+        loss_sum += loss.detach()
+        correct += (out.detach().argmax(dim=1) == ym).sum()
+    return StepResult(loss_sum, correct, n)
+
+
+def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """Global L2 norm of the gradients (before clipping); clips them in place to ``clip`` if set."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(grads, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_classes: int,
+    autocast: contextlib.AbstractContextManager | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Validation loss and top-1 (and top-5 when ``num_classes > 5``) error in percent.
+
+    Puts the model in eval mode (batch norm uses its running statistics) and restores train mode.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correct5 = 0.0
+    n = 0
+    try:
+        for x, y in batches:
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast or contextlib.nullcontext():
+                out = model(x)
+            out = out.float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            top = out.topk(min(5, num_classes), dim=1).indices
+            hits = top == y[:, None]
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            n += y.numel()
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ConfigError("the validation set is empty")
+    row = {"val_loss": loss_sum / n, "val_error_pct": 100.0 * (1 - correct1 / n)}
+    if num_classes > 5:
+        row["val_top5_error_pct"] = 100.0 * (1 - correct5 / n)
+    return row
+
+
+# -- set-up helpers -------------------------------------------------------------------------------
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def _check_normalisation_groups(config: RunConfig, batch_sizes: set[int], has_bn: bool) -> None:
+    """Refuse, before training, a batch split that leaves batch norm a group of 1 sample."""
+    if not has_bn:
+        return
+    splits = [s for s in (config.ghost_batch_size, config.micro_batch_size) if s]
+    if not splits:
+        return  # one BN group per batch; the loader never yields a batch of 1
+    group = min(splits)
+    for size in sorted(batch_sizes):
+        if size % group == 1:
+            what = "ghost batch" if config.ghost_batch_size == group else "micro-batch"
+            raise ConfigError(
+                f"a batch of {size} samples split into {what}es of {group} leaves a last {what} "
+                f"of 1 sample, which batch norm cannot normalise; choose a {what} size "
+                f"that leaves a remainder other than 1 (or change --train-subset/--batch-size)"
+            )
+
+
+def _autocast(config: RunConfig, device: torch.device):
+    if config.amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return None
+
+
+def _uses_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _finite_params(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# -- the run --------------------------------------------------------------------------------------
+def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Train one run and write its outputs to ``run_dir``.
+
+    Args:
+        config: the run configuration.
+        run_dir: output directory (created). Holds config.toml, metrics.csv/.jsonl,
+            diffusion.csv/.jsonl, checkpoints/last.pt and best.pt, summary.json.
+        resume: continue from ``run_dir/checkpoints/last.pt`` (a completed run returns its summary;
+            a run with no checkpoint yet starts over).
+
+    Returns:
+        The summary dict (also written to ``summary.json``).
+
+    Raises:
+        ConfigError: invalid combination found at set-up (e.g. a 1-sample ghost batch), a run
+            directory that already holds a run without ``resume``, or a resume with another config.
+        DivergenceError: NaN/Inf loss or gradient norm with ``on_nonfinite="stop"``.
+    """
+    from bigbatch import distributed
+
+    run_dir = Path(run_dir)
+    ctx = distributed.setup(config.device)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if ctx.device.type == "cpu":
+            # Bitwise reproducible on CPU (resume == uninterrupted); warn_only: never refuse an op.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return _Run(config, run_dir, ctx, resume).run()
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        distributed.teardown(ctx)
+
+
+class _Run:
+    """The state of one run; :meth:`run` is the loop. Split out of ``train`` for readability."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, ctx: Any, resume: bool):
+        from bigbatch import data, distributed, models
+        from bigbatch.diagnostics import WeightDistance, log_spaced_updates
+        from bigbatch.recipes import build_optimizer
+
+        self.dist = distributed
+        self.ctx = ctx
+        self.is_main = ctx.is_main
+        self.device = device = ctx.device
+        self.run_dir = run_dir
+        # The model's default regime is written out explicitly: config.toml alone rebuilds the run.
+        self.config = config = config.replace(regime=base_regime_dict(config))
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.start_state = self._prepare_run_dir(resume)
+
+        torch.manual_seed(config.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.train_loader, self.val_loader, self.info = data.build_loaders(
+            config.dataset,
+            data_dir=config.data_dir,
+            batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size,
+            device=device,
+            seed=config.seed,
+            train_subset=config.train_subset,
+            held_out=config.held_out,
+            download=config.download,
+            num_workers=config.num_workers,
+        )
+        self.dataset_size = int(self.train_loader.num_samples)
+        self.updates_per_epoch = len(self.train_loader)
+        self.base_regime, self.regime = resolve_regime(config, self.dataset_size)
+        # As recipes.num_updates (halves round up), on the loader's own count of batches.
+        exact = self.regime.epochs * self.updates_per_epoch
+        self.num_updates = max(1, math.floor(exact + 0.5 + 1e-9 * max(1.0, exact)))
+
+        image_size = self.info.image_size
+        model = models.create(
+            config.model,
+            num_classes=self.info.num_classes,
+            in_channels=self.info.in_channels,
+            image_size=image_size,
+            **config.model_options,
+        )
+        if config.ghost_batch_size is not None:
+            from bigbatch.layers import convert_ghost_batchnorm
+
+            model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
+        self.per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
+        if ctx.enabled:
+            distributed.check_ghost_alignment(self.per_rank_batch, config.ghost_batch_size)
+        # Batch sizes of an epoch (the last one is partial); under DDP the per-process slices.
+        sizes = {self.per_rank_batch}
+        if not ctx.enabled:
+            sizes |= {int(ix.numel()) for ix in self.train_loader.batch_indices(0)}
+        _check_normalisation_groups(config, sizes, _has_batchnorm(model))
+        if config.micro_batch_size and _has_batchnorm(model) and config.ghost_batch_size is None:
+            log.warning(
+                "micro_batch_size=%d with plain batch norm: statistics are per micro-batch "
+                "(as ghost batch norm with ghost size %d would), not over the whole batch",
+                config.micro_batch_size,
+                config.micro_batch_size,
+            )
+        self.channels_last = config.channels_last is True or (
+            config.channels_last == "auto" and device.type == "cuda" and _uses_conv(model)
+        )
+        model = model.to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the plain module: state_dict, weight distance
+        self.weight_distance = WeightDistance(model)
+        self.train_model = distributed.wrap_model(model, ctx)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.optimizer = build_optimizer(model.parameters(), self.regime)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = _autocast(config, device)
+        self.diffusion_updates = (
+            set(log_spaced_updates(self.num_updates)) if config.log_diffusion else set()
+        )
+        self.counters = _Counters()
+        self.started = time.perf_counter()
+
+    # -- run directory, resume --------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> dict | None:
+        last = self.ckpt_dir / "last.pt"
+        if not resume:
+            if last.exists() or (self.run_dir / "metrics.csv").exists():
+                raise ConfigError(
+                    f"run directory {str(self.run_dir)!r} already holds a run; continue it with "
+                    f"`bigbatch train --resume {self.run_dir}` or choose another --out"
+                )
+        elif last.exists():
+            state = load_checkpoint(last, map_location="cpu")
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ConfigError(f"{last} is not a {CHECKPOINT_FORMAT} checkpoint")
+            saved = RunConfig.from_dict(state["config"]).to_dict()
+            now = self.config.to_dict()
+            changed = [k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k]]
+            if changed:
+                k = changed[0]
+                raise ConfigError(
+                    f"cannot resume {str(self.run_dir)!r} with a different config: {k} was "
+                    f"{saved.get(k)!r}, now {now[k]!r} (resume reads RUN_DIR/config.toml; start a "
+                    "new run to change it)"
+                )
+            return state
+        else:
+            log.info("no checkpoint in %s yet: starting the run from the beginning", self.run_dir)
+            for name in ("metrics", "diffusion"):
+                for suffix in (".csv", ".jsonl"):
+                    (self.run_dir / f"{name}{suffix}").unlink(missing_ok=True)
+        if self.is_main:
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot create run directory {str(self.run_dir)!r}: {e.strerror or e}"
+                ) from None
+        return None
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weight_distance.load_state_dict(state["weight_distance"])
+        _set_rng_state(state["rng"], self.device)
+        self.counters = _Counters(**state["counters"])
+        if self.is_main:
+            for name in ("metrics", "diffusion"):
+                for suffix in (".csv", ".jsonl"):
+                    truncate_rows(self.run_dir / f"{name}{suffix}", self.counters.updates)
+        log.info(
+            "resumed %s at update %d of %d", self.run_dir, self.counters.updates, self.num_updates
+        )
+
+    def _write_config(self) -> None:
+        resolved = {
+            "base_regime": self.base_regime.to_dict(),
+            "effective_regime": self.regime.to_dict(),
+            "dataset_size": self.dataset_size,
+            "updates_per_epoch": self.updates_per_epoch,
+            "num_updates": self.num_updates,
+            "device": str(self.device),
+            "world_size": self.ctx.world_size,
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        atomic_write_text(
+            self.run_dir / "config.toml", self.config.to_toml(extra={RESOLVED_KEY: resolved})
+        )
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "weight_distance": self.weight_distance.state_dict(),
+            "rng": _rng_state(self.device),
+            "epoch": self.counters.updates // self.updates_per_epoch,
+            "step_in_epoch": self.counters.updates % self.updates_per_epoch,
+            "updates": self.counters.updates,
+            "num_updates": self.num_updates,
+            "counters": dataclasses.asdict(self.counters),
+            "config": self.config.to_dict(),
+            "bigbatch_version": bigbatch.__version__,
+        }
+
+    def _save(self, *, best: bool) -> None:
+        # Never let NaN weights replace the last good checkpoint.
+        if not _finite_params(self.model):
+            raise DivergenceError(
+                f"the weights became NaN/Inf by update {self.counters.updates}; "
+                f"{self.ckpt_dir / 'last.pt'} keeps the last good state. " + _DIVERGENCE_HINT
+            )
+        # Fold the time since the last save into the counter that the checkpoint carries.
+        self.counters.wall_time_s = self._wall_time()
+        self.started = time.perf_counter()
+        if not self.is_main:
+            return
+        data = checkpoint_bytes(self._checkpoint_state())
+        save_checkpoint(self.ckpt_dir / "last.pt", data)
+        if best:
+            save_checkpoint(self.ckpt_dir / "best.pt", data)
+        self.last_checkpoint_time = time.perf_counter()
+
+    def _wall_time(self) -> float:
+        return self.counters.wall_time_s + (time.perf_counter() - self.started)
+
+    # -- metrics --------------------------------------------------------------------------------
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log_diffusion(self, writer: MetricsLogger | None) -> float:
+        total, per_parameter = self.weight_distance(self.model)
+        if writer is not None:
+            writer.write(
+                {
+                    "updates": self.counters.updates,
+                    "epoch": self.counters.updates / self.updates_per_epoch,
+                    "lr": self._lr(),
+                    "weight_distance": float(total),
+                    "per_parameter": {k: float(v) for k, v in per_parameter.items()},
+                }
+            )
+        return float(total)
+
+    def _evaluate(
+        self, metrics: MetricsLogger | None, diffusion: MetricsLogger | None, progress: Progress
+    ) -> dict[str, Any]:
+        c = self.counters
+        self.dist.average_bn_running_stats(self.model, self.ctx)
+        val = evaluate(
+            self.train_model,
+            self.val_loader.iterate(0),
+            num_classes=self.info.num_classes,
+            autocast=self.autocast,
+            channels_last=self.channels_last,
+        )
+        sums = self.dist.reduce_metrics(
+            {"loss": c.train_loss_sum, "correct": c.train_correct, "samples": c.train_samples},
+            self.ctx,
+        )
+        seen = max(sums["samples"], 1)
+        distance = self._log_diffusion(diffusion)
+        row = {
+            "updates": c.updates,
+            "epoch": c.updates / self.updates_per_epoch,
+            "samples": c.samples,
+            "lr": self._lr(),
+            "train_loss": sums["loss"] / seen if sums["samples"] else math.nan,
+            "train_error_pct": 100.0 * (1 - sums["correct"] / seen)
+            if sums["samples"]
+            else math.nan,
+            **val,
+            "weight_distance": distance,
+            "wall_time_s": self._wall_time(),
+            "samples_per_s": c.interval_samples / c.interval_train_time_s
+            if c.interval_train_time_s > 0
+            else math.nan,
+            "skipped_steps": c.skipped_steps,
+        }
+        if metrics is not None:
+            metrics.write(row)
+        c.train_loss_sum = c.train_correct = 0.0
+        c.train_samples = c.interval_samples = 0
+        c.interval_train_time_s = 0.0
+        best = row["val_error_pct"] < c.best_val_error_pct
+        c.best_val_error_pct = min(c.best_val_error_pct, row["val_error_pct"])
+        progress.message(
+            f"update {c.updates}/{self.num_updates} (epoch {row['epoch']:.2f}): "
+            f"train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+            f"val error {row['val_error_pct']:.2f}%, lr {row['lr']:.4g}, "
+            f"|w-w0| {distance:.3f}, {row['samples_per_s']:.0f} samples/s"
+        )
+        self._save(best=best)
+        return row
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        config, c = self.config, self.counters
+        summary_path = self.run_dir / "summary.json"
+        if self.start_state is not None:
+            if summary_path.exists() and _read_json(summary_path).get("status") == "complete":
+                log.info("%s is already complete", self.run_dir)
+                return _read_json(summary_path)
+            self._restore(self.start_state)
+            c = self.counters
+        elif self.is_main:
+            self._write_config()
+        self.started = time.perf_counter()
+        self.last_checkpoint_time = time.perf_counter()
+        metrics = diffusion = None
+        if self.is_main:
+            purge = c.updates + 1 if self.start_state is not None else None
+            metrics = MetricsLogger(self.run_dir, "metrics", purge_step=purge)
+            if config.log_diffusion:
+                diffusion = MetricsLogger(
+                    self.run_dir, "diffusion", tensorboard=False, csv_fields=_DIFFUSION_CSV_FIELDS
+                )
+        mode = resolve_progress_mode(config.progress) if self.is_main else "none"
+        progress = Progress(self.num_updates, c.updates, mode)
+        upe = self.updates_per_epoch
+        every = config.eval_every_updates
+        ckpt_seconds = (config.checkpoint_every_minutes or math.inf) * 60
+        no_sync = (
+            (lambda last: self.dist.no_sync_context(self.train_model, last))
+            if self.ctx.enabled
+            else None
+        )
+        row: dict[str, Any] = {}
+        self.train_model.train()
+        try:
+            while c.updates < self.num_updates:
+                epoch, step = divmod(c.updates, upe)
+                shard = (self.ctx.rank, self.ctx.world_size) if self.ctx.enabled else None
+                batches = self.train_loader.iterate(epoch, start_step=step, shard=shard)
+                tick = time.perf_counter()
+                for x, y in batches:
+                    settings = self.regime.settings_at(epoch + step / upe)
+                    self._apply(settings)
+                    global_n = self._global_size(x.shape[0])
+                    if self.channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    result = forward_backward(
+                        self.train_model,
+                        x,
+                        y,
+                        global_batch_size=global_n,
+                        micro_batch_size=config.micro_batch_size,
+                        autocast=self.autocast,
+                        no_sync=no_sync,
+                    )
+                    grad_norm = _grad_norm(self.params, config.clip_grad_norm)
+                    loss_sum, correct = self._reduce_step(result)
+                    loss_sum, correct, norm = torch.stack(
+                        [loss_sum.float(), correct.float(), grad_norm.float().to(loss_sum.device)]
+                    ).tolist()  # the one host sync per update
+                    c.updates += 1
+                    step += 1
+                    c.samples += global_n
+                    if math.isfinite(loss_sum) and math.isfinite(norm):
+                        self.optimizer.step()
+                        c.train_loss_sum += loss_sum
+                        c.train_correct += correct
+                        c.train_samples += global_n
+                    else:
+                        self._nonfinite(loss_sum, norm, settings)
+                    c.interval_samples += global_n
+                    # Time per update includes loading the batch; the host sync above has
+                    # already waited for the GPU.
+                    now = time.perf_counter()
+                    c.interval_train_time_s += now - tick
+                    progress.update(1, loss=f"{loss_sum / global_n:.3f}")
+
+                    done = c.updates >= self.num_updates
+                    eval_due = done or c.updates % (every or upe) == 0
+                    if c.updates in self.diffusion_updates and not eval_due:
+                        self._log_diffusion(diffusion)  # evaluations log their own row
+                    if eval_due:
+                        row = self._evaluate(metrics, diffusion, progress)
+                    elif c.updates % upe == 0 or now - self.last_checkpoint_time > ckpt_seconds:
+                        self._save(best=False)
+                    if done:
+                        break
+                    tick = time.perf_counter()
+        finally:
+            progress.close()
+            for writer in (metrics, diffusion):
+                if writer is not None:
+                    writer.close()
+        summary = self._summary(row)
+        if self.is_main:
+            atomic_write_json(summary_path, summary)
+        return summary
+
+    def _apply(self, settings: dict[str, Any]) -> None:
+        from bigbatch.recipes import apply_settings
+
+        apply_settings(self.optimizer, settings)
+
+    def _global_size(self, n: int) -> int:
+        if not self.ctx.enabled:
+            return n
+        return int(self.dist.all_reduce_sum(float(n), self.ctx))
+
+    def _reduce_step(self, result: StepResult) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ctx.enabled:
+            return result.loss_sum, result.correct
+        both = self.dist.all_reduce_sum(
+            torch.stack([result.loss_sum, result.correct.float()]), self.ctx
+        )
+        return both[0], both[1]
+
+    def _nonfinite(self, loss_sum: float, norm: float, settings: dict[str, Any]) -> None:
+        c = self.counters
+        epoch = c.updates / self.updates_per_epoch
+        lr = settings.get("lr", self._lr())
+        where = f"update {c.updates} of {self.num_updates} (epoch {epoch:.2f}, lr {lr:.4g})"
+        what = f"loss sum {loss_sum} and gradient norm {norm}"
+        if self.config.on_nonfinite == "stop":
+            self._write_failed_summary(f"non-finite {what} at {where}")
+            raise DivergenceError(
+                f"training diverged at {where}: {what}; nothing was saved after the last good "
+                f"checkpoint ({self.ckpt_dir / 'last.pt'}). " + _DIVERGENCE_HINT
+            )
+        c.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("skipped %s: %s (%d skipped so far)", where, what, c.skipped_steps)
+
+    def _write_failed_summary(self, message: str) -> None:
+        if self.is_main:
+            atomic_write_json(
+                self.run_dir / "summary.json",
+                {
+                    "status": "diverged",
+                    "message": message,
+                    "updates": self.counters.updates,
+                    "seed": self.config.seed,
+                    "model": self.config.model,
+                    "dataset": self.config.dataset,
+                },
+            )
+
+    def _summary(self, row: dict[str, Any]) -> dict[str, Any]:
+        c, cfg = self.counters, self.config
+        rows = read_rows(self.run_dir / "metrics.jsonl") if self.is_main else []
+        last = rows[-1] if rows else row  # the final evaluation, also when resumed at the end
+        train_time = c.wall_time_s
+        return {
+            "status": "complete",
+            "seed": cfg.seed,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "batch_size": cfg.batch_size,
+            "base_batch_size": cfg.base_batch_size,
+            "ghost_batch_size": cfg.ghost_batch_size,
+            "micro_batch_size": cfg.micro_batch_size,
+            "lr_scaling": cfg.lr_scaling,
+            "regime_adaptation": cfg.regime_adaptation,
+            "epochs": self.regime.epochs,
+            "updates": c.updates,
+            "samples": c.samples,
+            "skipped_steps": c.skipped_steps,
+            "final_val_error_pct": last.get("val_error_pct"),
+            "final_val_top5_error_pct": last.get("val_top5_error_pct"),
+            "best_val_error_pct": c.best_val_error_pct,
+            "final_train_error_pct": last.get("train_error_pct"),
+            "final_weight_distance": last.get("weight_distance"),
+            "wall_time_s": train_time,
+            "samples_per_s": c.samples / train_time if train_time > 0 else None,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "world_size": self.ctx.world_size,
+            "torch_version": torch.__version__,
+            "bigbatch_version": bigbatch.__version__,
+            "git_commit": _git_commit(),
+        }
+
+
+_DIVERGENCE_HINT = (
+    "The learning rate is probably too high for this batch size: try a linear warm-up "
+    "(--warmup-epochs), a gentler --lr-scaling (sqrt instead of linear, or none), gradient "
+    "clipping (--clip), or --on-nonfinite skip to skip such updates."
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
