@@ -1,0 +1,524 @@
+"""Multi-GPU and multi-node training with torchrun and DistributedDataParallel (DDP).
+
+Every piece of distributed code in bigbatch lives here; the training loop calls these functions and
+works unchanged in a single process, where each of them is a no-op (or the identity).
+
+How it maps onto the paper (Hoffer et al. 2017): the *global* batch ``batch_size`` is what the
+recipes (learning-rate scaling, regime adaptation) see. Each of the ``world_size`` processes gets a
+contiguous slice of ``batch_size / world_size`` samples; DDP averages the gradients, so one update
+equals one update of single-process training on the whole global batch. Ghost batch norm stays
+**local**: each process splits its own slice into ghost batches and normalises them alone, with no
+communication in the forward pass (the opposite of :class:`torch.nn.SyncBatchNorm`). When
+``ghost_batch_size`` divides the per-process batch, the ghost batches are exactly those of
+single-process training, so the trained weights are the same
+(``tests/test_distributed.py::test_ddp_matches_single_process``).
+
+Launch (``torchrun`` sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; :func:`setup`
+reads them, as nanoGPT does)::
+
+    # one machine, 4 GPUs; --batch-size is the global batch (1024 per GPU here)
+    torchrun --standalone --nproc-per-node 4 -m bigbatch train --model resnet44 \\
+        --dataset cifar10 --batch-size 4096 --ghost-batch-size 128
+
+    # two machines with 8 GPUs each: run this on every node, NODE_RANK = 0 and 1
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK \\
+        --rdzv-backend c10d --rdzv-id bigbatch-run1 --rdzv-endpoint node0.example.org:29500 \\
+        -m bigbatch train --model resnet44 --dataset cifar10 --batch-size 4096
+
+    # SLURM: one torchrun per node, which starts one process per GPU
+    #!/bin/bash
+    #SBATCH --nodes=2
+    #SBATCH --ntasks-per-node=1
+    #SBATCH --gpus-per-node=8
+    #SBATCH --cpus-per-task=32
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 8 \\
+        --rdzv-backend c10d --rdzv-id "$SLURM_JOB_ID" --rdzv-endpoint "$head:29500" \\
+        -m bigbatch train --model resnet44 --dataset cifar10 --batch-size 4096
+
+The training loop uses this module as follows (see each function for details)::
+
+    ctx = distributed.setup(config.device)            # first; ctx.device is this process's device
+    per_rank = distributed.shard_batch_size(config.batch_size, ctx.world_size)
+    distributed.check_ghost_alignment(per_rank, config.ghost_batch_size)
+    model = distributed.wrap_model(model.to(ctx.device), ctx)   # build the optimizer after this
+    for x, y in train_loader.iterate(epoch, start_step, shard=(ctx.rank, ctx.world_size)):
+        # n: samples in this update over all ranks (batch_size; fewer in an epoch's last batch)
+        for i, (xm, ym) in enumerate(zip(x.split(micro), y.split(micro))):
+            with distributed.no_sync_context(model, is_last_micro_batch=i == num_micro - 1):
+                loss_sum = F.cross_entropy(model(xm), ym, reduction="sum")
+                (loss_sum * distributed.loss_scale(n, ctx)).backward()
+        optimizer.step()
+    distributed.average_bn_running_stats(model, ctx)  # before evaluation and checkpoints
+    sums = distributed.reduce_metrics({"loss": ..., "correct": ..., "samples": ...}, ctx)
+    if distributed.is_main(ctx):
+        save_checkpoint(distributed.unwrap(model).state_dict(), ...)
+    distributed.teardown(ctx)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from bigbatch.errors import ConfigError
+
+__all__ = [
+    "DistContext",
+    "all_reduce_sum",
+    "average_bn_running_stats",
+    "barrier",
+    "broadcast_object",
+    "check_ghost_alignment",
+    "is_main",
+    "loss_scale",
+    "no_sync_context",
+    "reduce_metrics",
+    "setup",
+    "shard_batch_size",
+    "shard_range",
+    "teardown",
+    "unwrap",
+    "wrap_model",
+]
+
+# torchrun sets all of these; RANK alone decides whether we run under it (as in nanoGPT).
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job: its rank, the number of processes and its device.
+
+    A disabled context (``enabled=False``, rank 0 of 1) describes ordinary single-process training;
+    every function of this module accepts it and then communicates nothing.
+
+    Attributes:
+        rank: global rank of this process, ``0 <= rank < world_size``.
+        local_rank: rank on this node; selects the GPU (``cuda:local_rank``).
+        world_size: number of processes in the job.
+        backend: ``"nccl"`` (CUDA), ``"gloo"`` (CPU) or ``None`` when disabled.
+        device: the device this process trains on.
+        enabled: whether a process group was initialised by :func:`setup`.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only process that writes files and logs."""
+        return self.rank == 0
+
+
+def _resolve_device(device: str | torch.device, local_rank: int, distributed: bool) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    requested = torch.device(device)
+    if requested.type != "cuda":
+        return requested
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but CUDA is not available; use --device cpu")
+    if not distributed:
+        return requested
+    # torchrun gives each process one GPU by LOCAL_RANK; an explicit index would stack ranks on one.
+    if requested.index is not None and requested.index != local_rank:
+        raise ConfigError(
+            f"device={str(device)!r} under torchrun: each process uses cuda:LOCAL_RANK "
+            f"(cuda:{local_rank} here); pass --device cuda or auto and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            "start at most one process per GPU (torchrun --nproc-per-node)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def setup(device: str | torch.device = "auto") -> DistContext:
+    """Join the torchrun job this process belongs to, or describe a single process outside torchrun.
+
+    Under torchrun (``RANK`` is set) this initialises the default process group from the
+    environment: NCCL on CUDA, after ``torch.cuda.set_device(local_rank)`` so that each process owns
+    one GPU, and gloo on CPU. Outside torchrun nothing is initialised and a disabled context is
+    returned.
+
+    Args:
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or any torch device
+            string. Under torchrun a CUDA device always means ``cuda:LOCAL_RANK``.
+
+    Returns:
+        The :class:`DistContext` of this process; train on ``ctx.device``.
+
+    Raises:
+        ConfigError: some torchrun variables are missing or invalid, CUDA was requested but is not
+            available, or there are fewer GPUs than processes on this node.
+
+    Example:
+        >>> ctx = setup("cpu")  # not under torchrun
+        >>> ctx.enabled, ctx.rank, ctx.world_size, ctx.is_main
+        (False, 0, 1, True)
+    """
+    if "RANK" not in os.environ:
+        return DistContext(device=_resolve_device(device, 0, distributed=False))
+    missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not; "
+            "launch with torchrun (python -m torch.distributed.run), which sets them all"
+        )
+    try:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in _TORCHRUN_VARS[:3])
+    except ValueError as error:
+        raise ConfigError(f"invalid torchrun environment variable: {error}") from None
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
+    resolved = _resolve_device(device, local_rank, distributed=True)
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistContext(rank, local_rank, world_size, backend, resolved, enabled=True)
+
+
+def teardown(ctx: DistContext) -> None:
+    """Destroy the process group that :func:`setup` created (no-op when disabled)."""
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main(ctx: DistContext) -> bool:
+    """True on the process that writes run files, checkpoints and logs (rank 0)."""
+    return ctx.is_main
+
+
+# -------------------------------------------------------------------------------------------------
+# Batch arithmetic
+# -------------------------------------------------------------------------------------------------
+
+
+def shard_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-process batch: ``batch_size / world_size``, which must be a whole number.
+
+    Args:
+        batch_size: the global batch, summed over all processes (what the paper calls B).
+        world_size: number of processes.
+
+    Returns:
+        ``batch_size // world_size``.
+
+    Raises:
+        ConfigError: ``world_size`` does not divide ``batch_size``; the message names the nearest
+            batch sizes that work.
+
+    Example:
+        >>> shard_batch_size(4096, 8)
+        512
+    """
+    if world_size < 1 or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} and world_size={world_size} must be positive")
+    if batch_size % world_size == 0:
+        return batch_size // world_size
+    below = batch_size // world_size * world_size
+    above = below + world_size
+    nearest = f"{below} or {above}" if below > 0 else f"{above}"
+    raise ConfigError(
+        f"batch_size={batch_size} is the global batch and must be divisible by the number of "
+        f"processes ({world_size}); use --batch-size {nearest}, or launch a number of processes "
+        f"that divides {batch_size}"
+    )
+
+
+def check_ghost_alignment(
+    per_rank_batch: int, ghost_batch_size: int | None, exact: bool = True
+) -> None:
+    """Check that ghost batches fall inside one process's slice, as in single-process training.
+
+    Single-process ghost BN splits the global batch into consecutive slices of ``ghost_batch_size``.
+    Distributed, each process splits its own contiguous slice. The two splits coincide (and training
+    is the same, up to float reduction order) exactly when ``ghost_batch_size`` divides
+    ``per_rank_batch``; otherwise every process ends with a short ghost batch that single-process
+    training does not have.
+
+    Args:
+        per_rank_batch: samples per process and update (:func:`shard_batch_size`).
+        ghost_batch_size: the ghost batch size, or ``None`` for plain batch norm (nothing to check).
+        exact: require single-process equivalence; with ``False`` any size is accepted.
+
+    Raises:
+        ConfigError: ``exact`` and ``ghost_batch_size`` does not divide ``per_rank_batch``.
+
+    Example:
+        >>> check_ghost_alignment(512, 128)  # 4 ghost batches per process
+    """
+    if ghost_batch_size is None or not exact:
+        return
+    if ghost_batch_size < 1:
+        raise ConfigError(f"ghost_batch_size={ghost_batch_size} must be positive")
+    if per_rank_batch % ghost_batch_size == 0:
+        return
+    # The nearest ghost sizes that work: the divisors of the per-process batch around the request
+    # (a ghost batch of 1 sample cannot be normalised, so 1 is never suggested).
+    divisors = [d for d in range(2, per_rank_batch + 1) if per_rank_batch % d == 0]
+    below = [d for d in divisors if d < ghost_batch_size][-1:]
+    above = [d for d in divisors if d > ghost_batch_size][:1]
+    raise ConfigError(
+        f"ghost_batch_size={ghost_batch_size} does not divide the per-process batch of "
+        f"{per_rank_batch} samples (global batch / number of processes), so the ghost batches "
+        f"would differ from single-process training; use --ghost-batch-size "
+        f"{' or '.join(map(str, below + above))}, or a global batch that is a multiple of "
+        f"{ghost_batch_size} x the number of processes"
+    )
+
+
+def loss_scale(global_batch_size: int, ctx: DistContext) -> float:
+    """Factor that turns a per-process *sum* of losses into this process's share of the global mean.
+
+    DDP averages gradients over processes. Multiplying each process's summed loss (over all of its
+    micro-batches) by ``world_size / global_batch_size`` makes that average the gradient of the mean
+    loss over the global batch, also when micro-batches or a last partial batch make the slices
+    unequal.
+
+    Example:
+        >>> loss_scale(256, DistContext())
+        0.00390625
+    """
+    return ctx.world_size / global_batch_size
+
+
+def shard_range(n: int, ctx: DistContext) -> slice:
+    """This process's contiguous part of ``range(n)``, e.g. of an evaluation set.
+
+    Parts follow :func:`torch.tensor_split`: the first ``n % world_size`` processes get one extra
+    item, and the parts cover ``range(n)`` in rank order without overlap.
+
+    Example:
+        >>> shard_range(10, DistContext(rank=1, world_size=3))
+        slice(4, 7, None)
+    """
+    base, extra = divmod(n, ctx.world_size)
+    start = ctx.rank * base + min(ctx.rank, extra)
+    return slice(start, start + base + (ctx.rank < extra))
+
+
+# -------------------------------------------------------------------------------------------------
+# The model
+# -------------------------------------------------------------------------------------------------
+
+
+def _ddp_options() -> dict[str, bool]:
+    # Rank-local buffers: BN running stats are not broadcast from rank 0 before every forward
+    # (costly and it would discard the other ranks' statistics); average_bn_running_stats merges
+    # them instead. torch >= 2.13 spells this forward_sync_buffers (broadcast_buffers warns there).
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, **ddp_options: Any) -> nn.Module:
+    """Wrap ``model`` (already on ``ctx.device``) in DDP; return it unchanged when disabled.
+
+    DDP broadcasts rank 0's parameters and buffers at construction, so every process starts from the
+    same weights. Build the optimizer after wrapping, on the wrapped model's parameters (the same
+    tensors).
+
+    Args:
+        model: the model, on ``ctx.device``; convert BN to ghost BN *before* wrapping.
+        ctx: from :func:`setup`.
+        **ddp_options: extra :class:`~torch.nn.parallel.DistributedDataParallel` arguments.
+
+    Returns:
+        The DDP-wrapped model, or ``model`` itself when ``ctx`` is disabled.
+
+    Raises:
+        ValueError: the model's parameters are not on ``ctx.device``.
+    """
+    if not ctx.enabled:
+        return model
+    devices = {p.device for p in model.parameters()}
+    if devices != {ctx.device}:
+        raise ValueError(
+            f"model parameters are on {sorted(map(str, devices))}, not {ctx.device}; "
+            "call model.to(ctx.device) before wrap_model"
+        )
+    options = {**_ddp_options(), **ddp_options}
+    if "broadcast_buffers" in options and not options["broadcast_buffers"]:
+        # Older torch skips the initial buffer broadcast with broadcast_buffers=False; do it here.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **options)
+
+
+def _unwrap_once(model: nn.Module) -> nn.Module | None:
+    if isinstance(model, DistributedDataParallel):
+        return model.module
+    # torch.compile returns an OptimizedModule that keeps the original in _orig_mod.
+    return getattr(model, "_orig_mod", None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and ``torch.compile`` wrappers (for state_dict and evaluation)."""
+    while (inner := _unwrap_once(model)) is not None:
+        model = inner
+    return model
+
+
+def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    while not isinstance(model, DistributedDataParallel):
+        inner = _unwrap_once(model)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def no_sync_context(
+    model: nn.Module, is_last_micro_batch: bool
+) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an update.
+
+    With gradient accumulation, gradients only need to be averaged once per update: inside
+    ``model.no_sync()`` DDP accumulates locally, and the backward pass of the last micro-batch
+    reduces the accumulated sum. Without DDP this is a null context.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 1)
+        >>> with no_sync_context(m, is_last_micro_batch=False):
+        ...     m(torch.ones(1, 2)).sum().backward()
+    """
+    ddp = _find_ddp(model)
+    if ddp is None or is_last_micro_batch:
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def _running_stat_buffers(model: nn.Module) -> Iterator[torch.Tensor]:
+    for module in unwrap(model).modules():
+        if isinstance(module, _BatchNorm) and module.running_mean is not None:
+            yield module.running_mean
+            yield module.running_var
+
+
+@torch.no_grad()
+def average_bn_running_stats(model: nn.Module, ctx: DistContext) -> None:
+    """Replace every BN layer's running mean and variance by their average over processes, in place.
+
+    Call it before each evaluation and checkpoint. Why: ghost BN (like plain BN under DDP here) is
+    local; each process normalises its own ghost batches, with no cross-process statistics and no
+    communication in the forward pass (unlike SyncBatchNorm). Each process's running statistics are
+    therefore an exponential moving average over its own slices only, and they differ between ranks.
+    Single-process running statistics are such an average over all ghost batches; since the moving
+    average is linear, the mean over ranks is the same kind of estimate over every process's data,
+    whereas saving rank 0's would use a ``1/world_size`` share of the data. Variances are averaged
+    like means for the same reason: each is a moving average of per-ghost-batch variances.
+
+    Covers every subclass of ``torch.nn.modules.batchnorm._BatchNorm`` (so ghost BN and
+    SyncBatchNorm) that tracks running stats. ``num_batches_tracked`` is left alone: it counts
+    updates, which are the same on every rank.
+    """
+    if not ctx.enabled:
+        return
+    buffers = list(_running_stat_buffers(model))
+    if not buffers:
+        return
+    # One collective for all layers, in float64 so that averaging adds no rounding of its own.
+    flat = torch.cat([b.reshape(-1).to(ctx.device, torch.float64) for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        buffer.copy_(part.view_as(buffer))
+
+
+# -------------------------------------------------------------------------------------------------
+# Collectives for sharded evaluation and coordination
+# -------------------------------------------------------------------------------------------------
+
+
+def all_reduce_sum(
+    values: torch.Tensor | float | Sequence[float], ctx: DistContext
+) -> torch.Tensor | float | list[float]:
+    """Sum ``values`` over all processes; the input is not modified.
+
+    Args:
+        values: a tensor, a number or a sequence of numbers (summed element-wise).
+        ctx: from :func:`setup`.
+
+    Returns:
+        The same kind as the input: a new tensor (on the input's device), a float or a list of
+        floats. Numbers are summed in float64, which is exact for counts below 2**53.
+
+    Example:
+        >>> all_reduce_sum([1.5, 2.0], DistContext())
+        [1.5, 2.0]
+    """
+    if isinstance(values, torch.Tensor):
+        if not ctx.enabled:
+            return values.clone()
+        summed = values.detach().to(ctx.device, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(values.device)
+    scalar = isinstance(values, (int, float))
+    numbers = torch.tensor([values] if scalar else list(values), dtype=torch.float64)
+    summed = all_reduce_sum(numbers, ctx).tolist()
+    return summed[0] if scalar else summed
+
+
+def reduce_metrics(sums: Mapping[str, float | int | torch.Tensor], ctx: DistContext) -> dict:
+    """Sum a dict of per-process totals (loss sums, correct and sample counts) over processes.
+
+    Every process must pass the same keys. One collective carries all values.
+
+    Returns:
+        A new dict with the same keys; ints stay ints, everything else becomes a float.
+
+    Example:
+        >>> reduce_metrics({"loss_sum": 3.5, "correct": 7, "samples": 10}, DistContext())
+        {'loss_sum': 3.5, 'correct': 7, 'samples': 10}
+    """
+    keys = sorted(sums)  # the same order on every rank, whatever order the dict was built in
+    numbers = [float(sums[k]) for k in keys]  # float() also takes one-element tensors
+    totals = dict(zip(keys, all_reduce_sum(numbers, ctx), strict=True))
+    return {k: round(totals[k]) if isinstance(sums[k], int) else totals[k] for k in sums}
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every process gets here (no-op when disabled)."""
+    if not ctx.enabled:
+        return
+    if ctx.backend == "nccl":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
+
+
+def broadcast_object(obj: T, ctx: DistContext, src: int = 0) -> T:
+    """Return rank ``src``'s ``obj`` on every process (any picklable object; others' are ignored).
+
+    Example:
+        >>> broadcast_object({"run_dir": "runs/a"}, DistContext())
+        {'run_dir': 'runs/a'}
+    """
+    if not ctx.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, device=ctx.device)
+    return holder[0]
