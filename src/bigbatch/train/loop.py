@@ -58,7 +58,7 @@ from bigbatch.train.config import RESOLVED_KEY, RunConfig, base_regime_dict, res
 from bigbatch.train.metrics import MetricsLogger, read_rows, truncate_rows
 from bigbatch.train.progress import Progress, resolve_progress_mode
 
-__all__ = ["StepResult", "evaluate", "forward_backward", "train"]
+__all__ = ["StepResult", "build_model", "evaluate", "forward_backward", "train"]
 
 log = logging.getLogger("bigbatch.train")
 
@@ -271,6 +271,29 @@ def _finite_params(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def build_model(config: RunConfig, info: Any) -> nn.Module:
+    """The run's model: ``models.create`` for the dataset's shape, then ghost batch norm if asked.
+
+    Args:
+        config: uses ``model``, ``model_options`` and ``ghost_batch_size``.
+        info: the dataset's ``DatasetInfo`` (``num_classes``, ``in_channels``, ``image_size``).
+    """
+    from bigbatch import models
+
+    model = models.create(
+        config.model,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size,
+        **config.model_options,
+    )
+    if config.ghost_batch_size is not None:
+        from bigbatch.layers import convert_ghost_batchnorm
+
+        model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
+    return model
+
+
 # -- the run --------------------------------------------------------------------------------------
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Train one run and write its outputs to ``run_dir``.
@@ -309,7 +332,7 @@ class _Run:
     """The state of one run; :meth:`run` is the loop. Split out of ``train`` for readability."""
 
     def __init__(self, config: RunConfig, run_dir: Path, ctx: Any, resume: bool):
-        from bigbatch import data, distributed, models
+        from bigbatch import data, distributed
         from bigbatch.diagnostics import WeightDistance, log_spaced_updates
         from bigbatch.recipes import build_optimizer
 
@@ -345,18 +368,7 @@ class _Run:
         exact = self.regime.epochs * self.updates_per_epoch
         self.num_updates = max(1, math.floor(exact + 0.5 + 1e-9 * max(1.0, exact)))
 
-        image_size = self.info.image_size
-        model = models.create(
-            config.model,
-            num_classes=self.info.num_classes,
-            in_channels=self.info.in_channels,
-            image_size=image_size,
-            **config.model_options,
-        )
-        if config.ghost_batch_size is not None:
-            from bigbatch.layers import convert_ghost_batchnorm
-
-            model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
+        model = build_model(config, self.info)
         self.per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
         if ctx.enabled:
             distributed.check_ghost_alignment(self.per_rank_batch, config.ghost_batch_size)
@@ -690,9 +702,10 @@ class _Run:
         what = f"loss sum {loss_sum} and gradient norm {norm}"
         if self.config.on_nonfinite == "stop":
             self._write_failed_summary(f"non-finite {what} at {where}")
+            last = self.ckpt_dir / "last.pt"
+            kept = f"{last} keeps the last good state" if last.exists() else "no checkpoint yet"
             raise DivergenceError(
-                f"training diverged at {where}: {what}; nothing was saved after the last good "
-                f"checkpoint ({self.ckpt_dir / 'last.pt'}). " + _DIVERGENCE_HINT
+                f"training diverged at {where}: {what} ({kept}). " + _DIVERGENCE_HINT
             )
         c.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
