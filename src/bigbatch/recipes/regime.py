@@ -315,7 +315,7 @@ class Regime:
         }
 
     def to_toml(self) -> str:
-        """TOML text (phases as ``[[phases]]`` tables) that :meth:`from_toml` reads back equal."""
+        """TOML text (one inline table per phase) that :meth:`from_toml` reads back equal."""
         import tomli_w
 
         return tomli_w.dumps(self.to_dict())
