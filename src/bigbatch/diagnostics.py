@@ -213,8 +213,10 @@ def _fit(cls: type[Fit], t: Sequence[float], d: Sequence[float]) -> Fit:
     (a, b), *_ = np.linalg.lstsq(design, d, rcond=None)
     residual = float(np.sum((d - (a + b * x)) ** 2))
     total = float(np.sum((d - d.mean()) ** 2))
-    # Constant d: the fit (b = 0) is exact, so r2 = 1 rather than 0/0.
-    r2 = 1.0 - residual / total if total > 0 else 1.0
+    # Constant d (up to float rounding of its mean): the fit with b = 0 is exact, so r2 = 1 rather
+    # than 0/0 or a ratio of two rounding errors.
+    rounding = d.size * (8 * np.finfo(np.float64).eps * float(np.max(np.abs(d)))) ** 2
+    r2 = 1.0 - residual / total if total > rounding else 1.0
     return cls(float(a), float(b), r2)
 
 
