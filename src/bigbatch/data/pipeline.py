@@ -119,7 +119,7 @@ def apply_crop_flip(
     rows = dy[:, None] + ar_h  # (N, H)
     cols = dx[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (N, W)
     flat = (rows[:, :, None] * pw + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.view(n, c, -1).gather(2, flat).view(n, c, h, w)
+    return padded.view(n, c, (h + 2 * padding) * pw).gather(2, flat).view(n, c, h, w)
 
 
 class InMemoryLoader:
