@@ -361,8 +361,6 @@ def initial_phase_end(rows: list[dict[str, float]]) -> float:
 
 def diffusion_fit(grid: GridData, arm: str) -> DiffusionFit | None:
     """Fit d = a + b ln t and d = a + b sqrt t over the arm's initial phase (None if < 3 points)."""
-    from bigbatch.diagnostics import fit_log, fit_sqrt
-
     t: list[float] = []
     d: list[float] = []
     end = math.inf
@@ -376,6 +374,8 @@ def diffusion_fit(grid: GridData, arm: str) -> DiffusionFit | None:
                 d.append(w)
     if len(set(t)) < 3:
         return None
+    from bigbatch.diagnostics import fit_log, fit_sqrt
+
     log, sqrt = fit_log(t, d), fit_sqrt(t, d)
     return DiffusionFit(arm, end, len(t), log.a, log.b, log.r2, sqrt.a, sqrt.b, sqrt.r2)
 
@@ -445,9 +445,14 @@ def _gap_sentences(grid: GridData, by_arm: dict[str, ArmRow], sb: ArmRow, lb: Ar
             "single runs and can be noise."
         )
     clear_gap = gap > 2 * spread and gap > 0
+    seeds = (
+        f"{sb.n_seeds} seeds each"
+        if sb.n_seeds == lb.n_seeds
+        else f"{lb.n_seeds} and {sb.n_seeds} seeds"
+    )
     versus = (
-        f"({lb.val_error_mean:.2f} vs {sb.val_error_mean:.2f} % validation error, "
-        f"{lb.n_seeds} and {sb.n_seeds} seeds{units})"
+        f"(LB {lb.val_error_mean:.2f} vs SB {sb.val_error_mean:.2f} % validation error, "
+        f"{seeds}{units})"
     )
     if clear_gap:
         sentences.append(
