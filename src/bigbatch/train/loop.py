@@ -624,6 +624,12 @@ class _Run:
                     if self.channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     self.optimizer.zero_grad(set_to_none=True)
+                    # A skipped update must leave no trace: the forward pass has already moved the
+                    # BN running statistics, so keep a copy of the buffers (small) to put back.
+                    saved = (
+                        [b.clone() for b in self.model.buffers()]
+                        if config.on_nonfinite == "skip" else None
+                    )
                     result = forward_backward(
                         self.train_model,
                         x,
@@ -648,6 +654,9 @@ class _Run:
                         c.train_samples += global_n
                     else:
                         self._nonfinite(loss_sum, norm, settings)
+                        with torch.no_grad():
+                            for b, old in zip(self.model.buffers(), saved or [], strict=False):
+                                b.copy_(old)
                     c.interval_samples += global_n
                     # Time per update includes loading the batch; the host sync above has
                     # already waited for the GPU.
