@@ -321,14 +321,14 @@ def _validate_names(cfg: RunConfig) -> None:
 
     known = list(models.names())
     if cfg.model not in known:
-        hint = difflib.get_close_matches(cfg.model, known, n=1)
+        hint = difflib.get_close_matches(cfg.model, known, n=1, cutoff=0.5)
         extra = f"did you mean {hint[0]!r}? " if hint else ""
         raise ConfigError(
             f"unknown model {cfg.model!r}; {extra}registered models: {', '.join(known)}"
         )
     datasets = list(data.DATASETS)
     if cfg.dataset not in datasets:
-        hint = difflib.get_close_matches(cfg.dataset, datasets, n=1)
+        hint = difflib.get_close_matches(cfg.dataset, datasets, n=1, cutoff=0.5)
         extra = f"did you mean {hint[0]!r}? " if hint else ""
         raise ConfigError(
             f"unknown dataset {cfg.dataset!r}; {extra}known datasets: {', '.join(datasets)}"
