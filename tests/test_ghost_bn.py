@@ -320,3 +320,14 @@ def test_eval_without_running_stats_is_batch_norm():
     bn = nn.BatchNorm1d(3, track_running_stats=False).eval()
     x = torch.randn(12, 3)
     torch.testing.assert_close(ghost(x), bn(x), rtol=0, atol=0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import bigbatch.layers.convert
+    import bigbatch.layers.ghost_bn
+
+    for module in (bigbatch.layers.ghost_bn, bigbatch.layers.convert):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0
