@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tomli_w
 
+from bigbatch.errors import ConfigError
 from bigbatch.report import write_report
 from bigbatch.report.tables import (
     ARM_SLUGS,
@@ -213,6 +214,8 @@ def test_missing_and_incomplete_runs_are_reported(tmp_path):
     assert "SB seed 2 (missing)" in md and "LB seed 1 (incomplete)" in md
     rows = {r.arm: r for r in arm_rows(load_grid(grid_dir))}
     assert rows["SB"].seeds == [0, 1] and rows["LB"].seeds == [0, 2]
+    line = next(li for li in md.splitlines() if li.startswith("| SB |"))
+    assert [c.strip() for c in line.strip("|").split("|")][6] == "2/3"  # seeds: 2 of 3 complete
     assert rows["LB"].val_error_mean == pytest.approx(np.mean([17.0, 16.9]))
 
 
@@ -232,6 +235,14 @@ def test_grid_without_grid_toml_is_inferred_from_directories(tmp_path):
     grid = load_grid(grid_dir)
     assert grid.arms == ["SB", "LB"] and grid.seeds == [0, 3]
     assert not grid.missing_runs()
+
+
+def test_not_a_grid_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a grid directory"):
+        write_report(tmp_path / "empty")
 
 
 class _Collector(HTMLParser):

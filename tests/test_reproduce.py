@@ -237,6 +237,8 @@ def test_grid_toml_records_the_resolved_preset_and_overrides(mini, tmp_path, mon
     assert grid["grid"]["seeds"] == [3] and grid["grid"]["arms"] == ["SB", "LB"]
     assert grid["overrides"] == {"epochs": 1.0, "ghost_batch_size": 64}
     assert grid["paper"]["SB"] == 99.0
+    again = load_preset(out / "grid.toml")  # the record is itself a preset
+    assert again["base"]["epochs"] == 1.0 and again["grid"]["seeds"] == [3]
     # a second call adds seeds to the same grid; a different setting is refused
     run_grid(mini, out, seeds=[4], arms=["SB", "LB"], progress="none",
              overrides={"epochs": 1.0, "ghost_batch_size": 64})  # fmt: skip

@@ -58,7 +58,8 @@ log = logging.getLogger("bigbatch.reproduce")
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
-_TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence")
+# "overrides": what grid.toml records (already applied to [base]/[grid]); a grid.toml is a preset.
+_TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides")
 _GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling")
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")

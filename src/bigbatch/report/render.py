@@ -153,7 +153,7 @@ def _evidence(grid: GridData) -> list[str]:
     items = [
         f"seeds: {', '.join(map(str, grid.seeds)) or 'none'} ({len(runs)} complete runs of "
         f"{len(grid.arms) * len(grid.seeds)})",
-        f"device: {_unique(runs, 'device')}",
+        f"device: {_unique(runs, 'device')} ({_unique(runs, 'device_name')})",
         f"torch: {_unique(runs, 'torch_version')}",
         f"bigbatch: {_unique(runs, 'bigbatch_version')}",
         f"git commit: {_unique(runs, 'git_commit')}",

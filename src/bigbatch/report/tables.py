@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigbatch.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -149,11 +151,11 @@ def load_grid(grid_dir: str | Path) -> GridData:
         GridData with one RunData per expected (arm, seed), present or not.
 
     Raises:
-        FileNotFoundError: ``grid_dir`` does not exist.
+        ConfigError: ``grid_dir`` does not exist or holds neither grid.toml nor run directories.
     """
     grid_dir = Path(grid_dir)
     if not grid_dir.is_dir():
-        raise FileNotFoundError(f"grid directory {grid_dir} does not exist")
+        raise ConfigError(f"grid directory {str(grid_dir)!r} does not exist")
     preset: dict[str, Any] = {}
     if (grid_dir / "grid.toml").is_file():
         preset = tomllib.loads((grid_dir / "grid.toml").read_text())
@@ -172,6 +174,11 @@ def load_grid(grid_dir: str | Path) -> GridData:
             match = _SEED_DIR.match(child.name)
             if match and child.is_dir():
                 found_seeds.add(int(match.group(1)))
+    if not preset and not arms:
+        raise ConfigError(
+            f"{str(grid_dir)!r} is not a grid directory: it has no grid.toml and no run "
+            f"directories ({', '.join(ARM_SLUGS.values())}); run `bigbatch reproduce` first"
+        )
     arms = [a for a in ARMS if a in arms]  # the paper's column order
     seeds = sorted(set(seeds) if seeds is not None else found_seeds)
     runs = {
@@ -211,6 +218,9 @@ class ArmRow:
     wall_time_s: float
     samples_per_s: float
     paper_accuracy: float | None
+    expected_seeds: int = (
+        0  # seeds the grid asked for (the table shows "2/3" when runs are missing)
+    )
 
     @property
     def n_seeds(self) -> int:
@@ -258,6 +268,7 @@ def arm_rows(grid: GridData) -> list[ArmRow]:
                 wall_time_s=_mean_std(values("wall_time_s"))[0],
                 samples_per_s=_mean_std(values("samples_per_s"))[0],
                 paper_accuracy=paper.get(arm),
+                expected_seeds=len(grid.seeds),
             )
         )
     return rows
@@ -304,7 +315,7 @@ def table_cells(rows: list[ArmRow]) -> tuple[list[str], list[list[str]]]:
         line += [
             _fmt_pm(r.best_val_error_mean, r.best_val_error_std),
             _fmt_pm(r.train_error_mean, r.train_error_std),
-            str(r.n_seeds),
+            str(r.n_seeds) if r.n_seeds >= r.expected_seeds else f"{r.n_seeds}/{r.expected_seeds}",
             _fmt_count(r.updates),
             _fmt_count(r.epochs),
             _fmt(r.wall_time_s, 1),
@@ -413,6 +424,12 @@ def narrative(grid: GridData, rows: list[ArmRow], fits: dict[str, DiffusionFit])
             f"This grid is incomplete: {len(missing)} of {len(grid.arms) * len(grid.seeds)} runs "
             f"are not complete: {names}. Statistics below use the complete runs only; run the same "
             "`bigbatch reproduce` command again to finish the missing runs."
+            + (
+                " Diverged runs are not retried and are left out of their arm's statistics, "
+                "which makes that arm look better than it is."
+                if any(r.status == "diverged" for r in missing)
+                else ""
+            )
         )
     sb, lb = by_arm.get("SB"), by_arm.get("LB")
     if sb is None or lb is None:
