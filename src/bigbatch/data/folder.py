@@ -248,7 +248,7 @@ class FolderLoader:
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             yield (
-                torch.addcmul(self._shift, x.float(), self._scale),
+                x.float().mul_(self._scale).add_(self._shift),
                 y.to(self.device, non_blocking=True),
             )
 

@@ -188,8 +188,8 @@ class InMemoryLoader:
         self.train = train
         self.seed = int(seed)
         self.padding = padding
-        # x_norm = (x / 255 - mean) / std = x * scale + shift, folded so each batch costs one fused
-        # op.
+        # x_norm = (x / 255 - mean) / std = x * scale + shift: two in-place ops on the float copy
+        # (a broadcasting addcmul with the (1, C, 1, 1) term first measured 10x slower on CPU).
         std_t = torch.tensor(std, dtype=torch.float32)
         mean_t = torch.tensor(mean, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(self.device)
@@ -247,5 +247,5 @@ class InMemoryLoader:
         x = self.images[indices]
         if self.augmentation == "crop_flip":
             x = apply_crop_flip(x, *params, padding=self.padding)
-        x = torch.addcmul(self._shift, x.float(), self._scale)
+        x = x.float().mul_(self._scale).add_(self._shift)
         return x, self.labels[indices]
