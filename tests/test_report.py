@@ -25,7 +25,8 @@ from bigbatch.report.tables import (
     narrative,
 )
 
-PAPER = {"SB": 87.8, "LB": 83.95, "LB+LR": 86.15, "LB+LR+GBN": 86.4, "LB+LR+GBN+RA": 88.2}
+PAPER = {"SB": 87.8, "LB": 83.95, "LB+LR": 86.15, "LB+LR+GBN": 86.4, "LB+LR+GBN+RA": 88.2,
+         "source": "Table 1, recalled"}  # fmt: skip
 SEEDS = [0, 1, 2]
 METRIC_KEYS = [
     "updates", "epoch", "samples", "lr", "train_loss", "train_error_pct", "val_loss",
@@ -172,6 +173,7 @@ def test_table_values_equal_the_runs(tmp_path):
         assert cells[6] == "3" and cells[7] == str(UPDATES[arm]) and cells[8] == str(EPOCHS[arm])
     html = html_path.read_text()
     assert "87.80" in html and "paper accuracy %" in html
+    assert "The paper reports 87.80 % (SB) and 83.95 % (LB)" in md and "Table 1, recalled" in md
 
 
 def test_paper_column_absent_without_paper_numbers(tmp_path):

@@ -317,3 +317,10 @@ def test_miniature_real_grid_runs_reports_and_finishes_only_missing_runs(
     assert calls == [("SB", 0, False), ("LB+LR", 1, True)]
     assert untouched.stat().st_mtime_ns == before
     assert not load_grid(out).missing_runs()
+
+
+def test_module_docstring_example_is_true():
+    import doctest
+
+    result = doctest.testmod(reproduce, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0

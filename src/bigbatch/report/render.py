@@ -265,7 +265,9 @@ def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
         (
             "generalization_gap.png",
             plots.plot_generalization_gap(rows),
-            "Final training vs validation error per arm (mean ± std over seeds).",
+            "Final training vs validation error per arm (mean ± std over seeds). The training "
+            "error is the engine's running average over the last evaluation interval, in training "
+            "mode (dropout, batch statistics), so it can exceed the validation error.",
         ),
     ]
     for file_name, png, caption in figures:

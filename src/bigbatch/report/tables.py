@@ -598,4 +598,7 @@ def _paper_sentence(grid: GridData, by_arm: dict[str, ArmRow]) -> str:
             f" With all three remedies the paper reaches {paper['LB+LR+GBN+RA']:.2f} %; this grid "
             f"{by_arm['LB+LR+GBN+RA'].val_accuracy_mean:.2f} %."
         )
+    source = (grid.preset.get("paper") or {}).get("source")
+    if source:
+        text += f" (Paper numbers: {source}.)"
     return text
