@@ -289,13 +289,15 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
     return old
 
 
-def _status(run_dir: Path) -> str:
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json, or {} when it is absent or torn (the run is then unfinished)."""
     import json
 
     try:
-        return str(json.loads((run_dir / "summary.json").read_text()).get("status", "incomplete"))
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return "incomplete" if run_dir.exists() else "missing"
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _train(config, run_dir: Path, *, resume: bool) -> dict[str, Any]:
@@ -312,7 +314,7 @@ def _one_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str
 
     return (
         f"{arm:<13} seed {seed}: {what}, val error {num('final_val_error_pct', '.2f')}% "
-        f"(train {num('final_train_error_pct', '.2f')}%), {num('updates', 'd')} updates, "
+        f"(train {num('final_train_error_pct', '.2f')}%), {num('updates', '.0f')} updates, "
         f"{num('epochs', 'g')} epochs, {num('wall_time_s', '.1f')} s"
     )
 
@@ -388,9 +390,15 @@ def run_grid(
     started = time.perf_counter()
     for index, (seed, arm) in enumerate(plan, 1):
         run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
-        status = _status(run_dir)
-        if status in ("complete", "diverged"):
-            log.info("[%d/%d] %s seed %d: already %s, skipped", index, len(plan), arm, seed, status)
+        previous = _read_summary(run_dir)
+        status = previous.get("status")
+        if status == "complete":
+            log.info("[%d/%d] %s", index, len(plan),
+                     _one_line(arm, seed, previous, "already complete"))  # fmt: skip
+            continue
+        if status == "diverged":
+            log.info("[%d/%d] %s seed %d: diverged earlier (%s); kept, not retried (delete %s to "
+                     "retry)", index, len(plan), arm, seed, previous.get("message", "?"), run_dir)
             continue
         config = arm_configs(resolved, seed)[arm]
         resume = run_dir.exists()  # the engine restarts a run dir without a checkpoint cleanly
