@@ -416,8 +416,8 @@ def merge_config(
     """The file sets defaults, flags override: ``base`` updated with the non-``None`` ``overrides``.
 
     Example:
-        >>> merge_config({"batch_size": 512, "dataset": "synthetic"}, {"batch_size":
-        1024}).batch_size
+        >>> file_values = {"batch_size": 512, "dataset": "synthetic"}
+        >>> merge_config(file_values, {"batch_size": 1024, "seed": None}).batch_size
         1024
     """
     d = base.to_dict() if isinstance(base, RunConfig) else dict(base or {})
