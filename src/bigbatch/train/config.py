@@ -439,15 +439,13 @@ def resolve_regime(config: RunConfig, dataset_size: int):
     """The base regime (after the ``epochs`` override) and the effective regime the run follows.
 
     Base = ``config.regime`` or the model's ``default_regime``, rescaled to ``config.epochs`` if
-    given
-    (every milestone moves proportionally). Effective = ``adapt_regime(base, base_batch_size,
+    given (every milestone moves proportionally). Effective = ``adapt_regime(base, base_batch_size,
     batch_size, lr_scaling, regime_adaptation, warmup_epochs)``.
 
     Args:
         config: the run config.
-        dataset_size: number of training samples (kept for symmetry with the update count; the
-            regime
-            itself is in epochs).
+        dataset_size: number of training samples (checked to be >= 1; the regime itself is in
+            epochs).
 
     Returns:
         ``(base_regime, effective_regime)``, both ``bigbatch.recipes.Regime``.
