@@ -411,9 +411,14 @@ def ghost_batch_norm(
     if track:
         n = x.shape[0]
         values_per_sample = x[0, 0].numel()
-        counts = torch.full((batch_mean.shape[0], 1), ghost_batch_size, dtype=batch_var.dtype)
-        counts[-1] = n - (batch_mean.shape[0] - 1) * ghost_batch_size
-        counts = (counts * values_per_sample).to(batch_var.device)
+        # Values per (ghost batch, channel), built on the stats' device: no host-to-device copy.
+        counts = torch.full(
+            (batch_mean.shape[0], 1),
+            ghost_batch_size * values_per_sample,
+            dtype=batch_var.dtype,
+            device=batch_var.device,
+        )
+        counts[-1] = (n - (batch_mean.shape[0] - 1) * ghost_batch_size) * values_per_sample
         with torch.no_grad():
             _update_running_stats(
                 running_mean,
