@@ -34,7 +34,7 @@ fashion-mnist:
 	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
 	  else \
 	    echo "Fashion-MNIST not found at $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist'," \
-	         "or download it with 'bigbatch data download fashion-mnist --data-dir DIR' and pass --data-dir DIR"; exit 1; \
+	         "or download it with 'bigbatch download fashion-mnist --data-dir DIR' and pass --data-dir DIR"; exit 1; \
 	  fi; \
 	fi
 

@@ -55,6 +55,7 @@ def test_regime_prints_before_and_after(capsys):
         (["--dataset", "synthetic", "--batch-size", "64", "--ghost-batch-size", "128"],
          "ghost_batch_size=128 is larger than batch_size=64"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm"),
         (["--config", "/nonexistent/run.toml"], "cannot read config file"),
         (["--resume", "/nonexistent/run"], "cannot resume"),
     ],
@@ -111,7 +112,6 @@ def _fashion_mnist_dir(tmp_path: Path) -> Path:
 
 # The data pipeline (issue 3) converts the read-only IDX array with torch.as_tensor, which warns
 # once per process; not this test's concern.
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 def test_end_to_end_on_a_slice_of_fashion_mnist(tmp_path, capsys):
     data_dir = _fashion_mnist_dir(tmp_path)
     config = tmp_path / "run.yaml"

@@ -279,3 +279,14 @@ def test_random_resized_crop_output_size():
     rng = np.random.default_rng(0)
     assert random_resized_crop(image, 16, rng).size == (16, 16)
     assert center_crop(image, 16).size == (16, 16)
+
+
+def test_read_only_reader_arrays_load_without_warning():
+    # IDX readers hand out read-only np.frombuffer views; the loader must accept them silently
+    # (pytest turns warnings into errors) and must not alias the caller's buffer.
+    raw = np.frombuffer(bytes(range(256)) * 3, dtype=np.uint8)[: 3 * 1 * 8 * 8].reshape(3, 1, 8, 8)
+    labels = np.frombuffer(np.arange(3, dtype=np.int64).tobytes(), dtype=np.int64)
+    assert not raw.flags.writeable
+    loader = InMemoryLoader(raw, labels, batch_size=2, mean=(0.0,), std=(1.0,))
+    (x, y), *_ = loader.iterate(0)
+    assert x.shape == (2, 1, 8, 8) and y.dtype == torch.int64

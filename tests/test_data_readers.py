@@ -232,6 +232,13 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
         load_split("mnist", tmp_path / "does-not-exist")
 
 
+def test_explicit_data_dir_never_falls_back_to_the_default(tmp_path):
+    # Fashion-MNIST has a default directory (the Debian package); a --data-dir typo must not
+    # silently train on it instead.
+    with pytest.raises(DataError, match=r"fashion-mnist train files not found .*typo"):
+        load_split("fashion-mnist", tmp_path / "typo")
+
+
 def test_data_dir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

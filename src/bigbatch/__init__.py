@@ -1,8 +1,9 @@
 """bigbatch: train neural networks with very large batches without losing accuracy.
 
-Implements *Train longer, generalize better: closing the generalization gap in large batch training of
-neural networks* (Hoffer, Hubara, Soudry, NeurIPS 2017): ghost batch normalization, learning-rate scaling,
-regime adaptation and the weight-distance ("ultra-slow diffusion") diagnostic, with a training engine and CLI.
+Implements *Train longer, generalize better: closing the generalization gap in large batch
+training of neural networks* (Hoffer, Hubara, Soudry, NeurIPS 2017): ghost batch normalization,
+learning-rate scaling, regime adaptation and the weight-distance ("ultra-slow diffusion")
+diagnostic, with a training engine and CLI.
 
 Example:
     >>> import torch, bigbatch

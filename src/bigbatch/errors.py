@@ -1,8 +1,8 @@
 """Exception types for input that the user can fix.
 
-Every error bigbatch raises for bad input derives from :class:`BigBatchError` *and* ``ValueError`` (or
-``OSError`` for files), so library callers can catch the standard type while the CLI catches
-``BigBatchError`` at its boundary and prints one line instead of a traceback.
+Every error bigbatch raises for bad input derives from :class:`BigBatchError` *and*
+``ValueError`` (or ``OSError`` for files), so library callers can catch the standard type while
+the CLI catches ``BigBatchError`` at its boundary and prints one line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ class BigBatchError(Exception):
 
 
 class ConfigError(BigBatchError, ValueError):
-    """A configuration key or command-line value is invalid; the message names the key and the fix."""
+    """A configuration key or command-line value is invalid; the message names key and fix."""
 
 
 class DataError(BigBatchError, ValueError):
-    """A dataset file or directory is missing, corrupt or in the wrong format; the message names the file."""
+    """A dataset file or directory is missing, corrupt or in the wrong format (names the file)."""
 
 
 class DownloadError(BigBatchError, OSError):

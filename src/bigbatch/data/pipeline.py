@@ -162,6 +162,12 @@ class InMemoryLoader:
         device: str | torch.device = "cpu",
         padding: int = 4,
     ):
+        # Readers return read-only views of the file bytes (np.frombuffer); torch would warn on
+        # them, so take a writable copy first (np.require copies only when needed).
+        if isinstance(images, np.ndarray):
+            images = np.require(images, requirements="W")
+        if isinstance(labels, np.ndarray):
+            labels = np.require(labels, requirements="W")
         images = torch.as_tensor(images)
         labels = torch.as_tensor(labels)
         if images.dtype != torch.uint8 or images.ndim != 4:

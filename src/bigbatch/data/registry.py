@@ -130,6 +130,9 @@ def _search_dirs(info: DatasetInfo, data_dir: str | Path | None) -> list[Path]:
                 f"a {info.name}/ folder)"
             )
         dirs += [root, root / info.name] + [root / sub for sub in _SUBDIRS.get(info.name, ())]
+        # An explicit directory is the user's choice: never fall back to the default one behind
+        # their back (a typo in --data-dir would otherwise silently train on other files).
+        return dirs
     if info.default_dir is not None:
         dirs.append(Path(info.default_dir))
     return dirs
@@ -148,9 +151,9 @@ def load_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one split of an in-memory dataset.
 
-    Files are looked for in ``data_dir``, ``data_dir/<name>`` (and torchvision's sub-folders), then
-    the dataset's ``default_dir`` (Fashion-MNIST: the Debian package's
-    ``/usr/share/datasets/fashion-mnist``).
+    Files are looked for in ``data_dir``, ``data_dir/<name>`` (and torchvision's sub-folders) when
+    ``data_dir`` is given, otherwise in the dataset's ``default_dir`` (Fashion-MNIST: the Debian
+    package's ``/usr/share/datasets/fashion-mnist``).
 
     Args:
         name: a key of :data:`DATASETS` other than "imagenet".
