@@ -141,7 +141,7 @@ def plot_diffusion(grid: GridData, fits: dict[str, DiffusionFit]) -> bytes | Non
         plt.close(fig)
         return None
     ax.set_xscale("log")
-    ax.set_xlabel("updates t (log scale); dashed: first lr drop, end of the fit")
+    ax.set_xlabel("updates t (log scale); dashed: first update after the lr drop (fit range ends)")
     ax.set_ylabel("||w_t − w_0||")
     ax.set_title("Weight distance from initialisation (fits over the initial high-lr phase)")
     ax.grid(alpha=0.3)

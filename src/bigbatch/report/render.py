@@ -191,7 +191,12 @@ def _setup(grid: GridData) -> list[str]:
         phases = "; ".join(
             ", ".join(f"{k} {v}" for k, v in phase.items()) for phase in regime.get("phases", [])
         )
-        items.append(f"regime: {regime.get('epochs', '?')} epochs, {phases}")
+        rescaled = (
+            f" (rescaled to {base['epochs']} epochs by `epochs`, milestones in proportion)"
+            if "epochs" in base
+            else ""
+        )
+        items.append(f"regime: {regime.get('epochs', '?')} epochs, {phases}{rescaled}")
     elif "model" in base:
         items.append("regime: the model's default (see each run's config.toml)")
     if grid.preset.get("overrides"):
@@ -279,10 +284,10 @@ def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
 
     doc.heading("Setup")
     doc.items(_setup(grid))
-    if name and (grid.path / "grid.toml").is_file():
+    if (grid.path / "grid.toml").is_file():
         doc.paragraph(
-            f"Reproduce with `bigbatch reproduce --preset {name} --out DIR` "
-            "(the resolved preset is in grid.toml)."
+            f"Reproduce with `bigbatch reproduce --preset {grid.path / 'grid.toml'} "
+            "--out NEW_DIR`: grid.toml holds the resolved preset with every override applied."
         )
     doc.heading("Evidence")
     doc.items(_evidence(grid))
