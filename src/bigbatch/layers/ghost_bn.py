@@ -140,7 +140,7 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         dL/dw = sum over ghost batches of invstd * sum(dy * (x - mu)),   dL/db = sum(dy).
     Each quantity is a whole-tensor reduction or a fused multiply-add over the (k, g, ...) view,
     written into the dx buffer, so the only large allocation is dx itself (autograd through the
-    forward ops makes several; measured 1.5-2.5x slower). Double backward (create_graph=True)
+    forward ops makes several; measured about 1.5x slower). Double backward (create_graph=True)
     differentiates a recomputation with out-of-place ops instead. ``test_gradcheck`` proves both
     with gradcheck and gradgradcheck in float64.
 
