@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 # `import bigbatch` stays cheap and a CLI call only loads what it needs.
 _EXPORTS = {
     "ghost_batch_norm": "bigbatch.layers.ghost_bn",
+    "GhostBatchNorm": "bigbatch.layers.ghost_bn",
     "GhostBatchNorm1d": "bigbatch.layers.ghost_bn",
     "GhostBatchNorm2d": "bigbatch.layers.ghost_bn",
     "GhostBatchNorm3d": "bigbatch.layers.ghost_bn",
