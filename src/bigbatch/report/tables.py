@@ -523,7 +523,8 @@ def _gap_sentences(grid: GridData, by_arm: dict[str, ArmRow], sb: ArmRow, lb: Ar
             where = "within SB's seed spread" if tol > 0 else "at or below SB's error"
             sentences.append(f"Arms {where}: " + ", ".join(closed) + ".")
         else:
-            sentences.append("No arm reaches SB's error within its seed spread.")
+            spread_text = " within its seed spread" if tol > 0 else ""
+            sentences.append(f"No arm reaches SB's error{spread_text}.")
     ra = by_arm.get("LB+LR+GBN+RA")
     if ra is not None and sb.wall_time_s > 0 and not math.isnan(ra.wall_time_s):
         sentences.append(
