@@ -19,6 +19,7 @@ import io
 import pickle
 import struct
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,16 +66,37 @@ _PICKLE_ERRORS = (
     MemoryError,
     RecursionError,
     struct.error,
+    SystemError,  # numpy internals on some corrupt states ("error return without exception set")
+    Warning,
 )
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+def _plain_dtype_state(state) -> bool:
+    """Whether ``state`` is what a plain numeric dtype pickles: ``(3, byteorder, None, None, None,
+    -1, -1, 0)`` (no subarray, no fields, no flags)."""
+    return (
+        isinstance(state, tuple)
+        and len(state) == 8
+        and state[0] == 3
+        and state[1] in ("|", "<", ">", "=", b"|", b"<", b">", b"=")
+        and state[2:5] == (None, None, None)
+        and state[5:] == (-1, -1, 0)
+    )
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that rebuilds numpy arrays, containers, numbers, strings, bytes; nothing else.
 
     Any other global (``os.system``, ``builtins.eval``, a class with a malicious ``__reduce__``) is
     refused with :class:`DataError` before it is looked up, so loading a hostile file cannot run
-    code.
+    code. A numpy dtype is only built in the state of a plain numeric type: ``dtype.__setstate__``
+    accepts arbitrary internal flags, and a uint8 dtype flagged as holding Python objects makes
+    numpy treat pixel bytes as object pointers (found by ``benchmarks/fuzz_readers.py``). That
+    check needs the BUILD opcode, hence the pure-Python unpickler; it reads a CIFAR batch (one
+    large bytes object and a few lists) about as fast as the C one.
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         try:
@@ -85,6 +107,24 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "(the file is not a genuine CIFAR pickle, or it is malicious)"
             ) from None
 
+    def _load_build(self) -> None:
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.dtype) and not _plain_dtype_state(state):
+            raise DataError(
+                f"refusing a numpy dtype with non-standard state {state!r:.80}: a CIFAR batch "
+                "holds plain uint8 arrays (the file is corrupt or malicious)"
+            )
+        if isinstance(target, np.ndarray):
+            parts = state if isinstance(state, tuple) else ()
+            dtypes = [target.dtype, *(d for d in parts if isinstance(d, np.dtype))]
+            if any(d.hasobject for d in dtypes):
+                raise DataError(
+                    "refusing an array of Python objects: a CIFAR batch holds uint8 data"
+                )
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
 
 def safe_unpickle(data: bytes, source: str = "<bytes>"):
     """Unpickle ``data`` with :class:`RestrictedUnpickler` (bytes keys, as written by Python 2).
@@ -93,7 +133,11 @@ def safe_unpickle(data: bytes, source: str = "<bytes>"):
         DataError: the bytes are not a pickle, or name a forbidden global.
     """
     try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+        # A corrupt pickle can make numpy warn (e.g. dtype(align=()) in numpy 2.4) instead of
+        # fail; a genuine CIFAR batch never does, so any warning means a bad file: a DataError.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except DataError as exc:
         raise DataError(f"{source}: {exc}") from None
     except _PICKLE_ERRORS as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -147,7 +148,14 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 30) -> Path:
+def fetch(
+    url: str,
+    dest: str | Path,
+    sha256: str,
+    *,
+    timeout: float = 30,
+    deadline_s: float | None = None,
+) -> Path:
     """Download ``url`` to ``dest`` if and only if its SHA-256 equals ``sha256``.
 
     Streams into ``dest.part`` (hashing as it goes), checks the length against Content-Length and
@@ -159,23 +167,34 @@ def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 30) -> Pa
         dest: final path.
         sha256: expected hex digest (lower case).
         timeout: seconds allowed for connecting and for each read.
+        deadline_s: seconds allowed for the whole download (``None``: no limit). ``timeout``
+            alone never stops a server that trickles one byte every few seconds.
 
     Raises:
-        DownloadError: HTTP error, redirect loop, timeout, truncated body or checksum mismatch.
+        DownloadError: HTTP error, redirect loop, timeout, deadline passed, truncated body or
+            checksum mismatch.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     opener = urllib.request.build_opener(_LimitedRedirects)
     digest = hashlib.sha256()
     received = 0
+    started = time.monotonic()
     try:
         with opener.open(url, timeout=timeout) as response, open(part, "wb") as out:
             length = response.headers.get("Content-Length")
             expected = int(length) if length is not None and length.isdigit() else None
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
+            # read1: whatever has arrived (up to _CHUNK), so the deadline is checked between
+            # the bytes of a trickling server, not once per 64 KiB.
+            for chunk in iter(lambda: response.read1(_CHUNK), b""):
                 digest.update(chunk)
                 out.write(chunk)
                 received += len(chunk)
+                if deadline_s is not None and time.monotonic() - started > deadline_s:
+                    raise DownloadError(
+                        f"{url}: not finished after {deadline_s:g} s ({received} bytes received; "
+                        "a stalled or very slow server); retry or use another mirror with base_url"
+                    )
             if expected is not None and received != expected:
                 raise DownloadError(
                     f"{url}: truncated download, got {received} of {expected} bytes"
@@ -212,6 +231,16 @@ def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 30) -> Pa
         raise DownloadError(f"{part}: cannot write ({exc.strerror or exc})") from None
     finally:
         part.unlink(missing_ok=True)
+
+
+# A whole-file deadline: 10 minutes, or longer for big files at a floor rate of 20 kB/s (CIFAR:
+# about 2.4 hours). Generous for any real connection; it only stops a server that trickles.
+_MIN_DEADLINE_S = 600.0
+_MIN_RATE_BYTES_PER_S = 20_000
+
+
+def _deadline_s(size: int) -> float:
+    return max(_MIN_DEADLINE_S, size / _MIN_RATE_BYTES_PER_S)
 
 
 def download(
@@ -265,7 +294,7 @@ def download(
         for base in bases:
             url = base.rstrip("/") + "/" + remote.filename
             try:
-                fetch(url, dest, sha256, timeout=timeout)
+                fetch(url, dest, sha256, timeout=timeout, deadline_s=_deadline_s(remote.size))
                 break
             except DownloadError as exc:
                 errors.append(str(exc))

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bigbatch.train.checkpoint import atomic_write_text
+from bigbatch.train.checkpoint import atomic_write_text, storage_error
 
 __all__ = [
     "CSVWriter",
@@ -67,19 +67,25 @@ class CSVWriter:
         missing = [k for k in self.fields if k not in row]
         if missing:
             raise ValueError(f"row for {self.path.name} lacks columns {missing}")
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        if self._file is None:
-            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
-        writer = csv.writer(self._file)
-        if new:
-            writer.writerow(self.fields)
-        writer.writerow([_csv_value(row[k]) for k in self.fields])
-        self._file.flush()
+        try:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            if self._file is None:
+                self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            writer = csv.writer(self._file)
+            if new:
+                writer.writerow(self.fields)
+            writer.writerow([_csv_value(row[k]) for k in self.fields])
+            self._file.flush()
+        except OSError as exc:  # disk full: one line naming the file (a torn row is cut on resume)
+            raise storage_error(exc, self.path) from None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # a flush that failed already raised StorageError from write()
+                pass
 
 
 class JSONLWriter:
@@ -90,15 +96,21 @@ class JSONLWriter:
         self._file = None
 
     def write(self, row: Mapping[str, Any]) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        self._file.write(json.dumps(dict(row)) + "\n")
-        self._file.flush()
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._file.write(json.dumps(dict(row)) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # a flush that failed already raised StorageError from write()
+                pass
 
 
 class TensorBoardWriter:
