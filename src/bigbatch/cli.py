@@ -272,6 +272,15 @@ def _default_run_dir(config: Any) -> Path:
     )
 
 
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of writes killed mid-way (never read; see train.checkpoint), deleted on resume."""
+    from bigbatch.train.checkpoint import remove_stale_temp_files
+
+    for directory in (run_dir, run_dir / "checkpoints"):
+        for path in remove_stale_temp_files(directory):
+            logging.getLogger("bigbatch").info("removed %s (left by an interrupted write)", path)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.train.config import load_config, merge_config, read_config_file
     from bigbatch.train.loop import _RESUME_FREE_KEYS, train
@@ -292,6 +301,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                               "(not a bigbatch run directory?)")
         config = merge_config(load_config(config_path), flags)
         run_dir = args.resume
+        _remove_stale_temp_files(run_dir)
     else:
         base = read_config_file(args.config) if args.config is not None else {}
         config = merge_config(base, flags)

@@ -304,7 +304,18 @@ def _train(config, run_dir: Path, *, resume: bool) -> dict[str, Any]:
     """Run one training run (an indirection so tests can count and intercept runs)."""
     from bigbatch.train.loop import train
 
+    if resume:
+        _remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     return train(config, run_dir, resume=resume)
+
+
+def _remove_stale_temp_files(*directories: Path) -> None:
+    """Temp files of writes killed mid-way (a killed run or report); nothing reads them."""
+    from bigbatch.train.checkpoint import remove_stale_temp_files
+
+    for directory in directories:
+        for path in remove_stale_temp_files(directory):
+            log.info("removed %s (left by an interrupted write)", path)
 
 
 def _one_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str:
@@ -370,6 +381,9 @@ def run_grid(
     if arm_list is not None:
         resolved["grid"]["arms"] = _arms(arm_list)
     old = _check_same_grid(out_dir, resolved)
+    from bigbatch.report.render import FIGURE_DIR
+
+    _remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
 
     # grid.toml describes everything in the directory: the union with an earlier call's seeds/arms.
     record = _drop_none(resolved)
