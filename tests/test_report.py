@@ -301,3 +301,16 @@ def test_initial_phase_end_handles_warmup_and_constant_lr():
     warm = [{"updates": u, "lr": min(1.0, u / 10) if u < 50 else 0.1} for u in range(1, 80)]
     assert initial_phase_end(warm) == 50
     assert initial_phase_end([{"updates": u, "lr": 0.1} for u in range(1, 10)]) == math.inf
+
+
+def test_constant_lr_run_is_fitted_over_the_whole_run_and_reported(tmp_path):
+    # A regime without an lr drop has no end of the initial phase (inf): the report must say
+    # so instead of crashing on int(inf) (found by the reliability kill tests on 1-epoch grids).
+    grid_dir = tmp_path / "g"
+    write_run(grid_dir, "SB", 0, val_error=13.0, train_error=5.0, updates=300, epochs=1,
+              drop_update=301, a=0.5, b=1.1)  # fmt: skip  (after the last update: no drop)
+    grid = load_grid(grid_dir)
+    fit = diffusion_fit(grid, "SB")
+    assert math.isinf(fit.end_update)
+    text = " ".join(narrative(grid, arm_rows(grid), {"SB": fit}))
+    assert "over the whole run (no lr drop)" in text and "0.5 + 1.1·ln t" in text

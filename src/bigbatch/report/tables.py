@@ -570,11 +570,17 @@ def _diffusion_sentences(fits: dict[str, DiffusionFit]) -> str:
     parts = []
     for arm, fit in fits.items():
         better = "log t fits better" if fit.log_r2 >= fit.sqrt_r2 else "sqrt t fits better"
+        # A regime without an lr drop has no "initial phase" end: the fit covers the whole run.
+        span = (
+            f"before update {_fmt_count(fit.end_update)}"
+            if math.isfinite(fit.end_update)
+            else "over the whole run (no lr drop)"
+        )
         parts.append(
             f"{arm}: ||w_t − w_0|| ≈ {fit.log_a:.3g} + {fit.log_b:.3g}·ln t with "
             f"R² = {fit.log_r2:.3f} "
             f"against R² = {fit.sqrt_r2:.3f} for a + b·sqrt t ({better}; {fit.num_points} points "
-            f"before update {_fmt_count(fit.end_update)})"
+            f"{span})"
         )
     if not parts:
         return ""
