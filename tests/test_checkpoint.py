@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from bigbatch.train import checkpoint as ckpt
+from bigbatch import fileio
 from bigbatch.train.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -36,7 +36,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(ckpt.os, "replace", crash)
+    monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
         atomic_write_bytes(path, b"half")
     assert path.read_bytes() == b"good"
@@ -46,7 +46,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_atomic_write_fsyncs_file_and_directory(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
-    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     atomic_write_bytes(tmp_path / "x", b"data")
     assert len(synced) == 2  # the file, then the directory
 

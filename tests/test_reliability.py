@@ -30,12 +30,12 @@ from datafiles import cifar_member_files, idx_bytes, write_cifar, write_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bigbatch import fileio
 from bigbatch.cli import main
 from bigbatch.data.cifar import load_cifar_split, safe_unpickle
 from bigbatch.data.download import download, fetch
 from bigbatch.data.idx import read_idx
 from bigbatch.errors import ConfigError, DataError, DownloadError
-from bigbatch.train import checkpoint as ckpt
 from bigbatch.train.checkpoint import StorageError, atomic_write_bytes, load_checkpoint
 from bigbatch.train.config import RunConfig
 from bigbatch.train.metrics import CSVWriter, read_rows
@@ -230,7 +230,7 @@ def _enospc(*args, **kwargs):
 def test_disk_full_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     atomic_write_bytes(path, b"good")
-    monkeypatch.setattr(ckpt.os, "fsync", _enospc)
+    monkeypatch.setattr(fileio.os, "fsync", _enospc)
     with pytest.raises(StorageError) as info:
         atomic_write_bytes(path, b"new")
     assert str(info.value).startswith("no space left on device writing ")
@@ -273,7 +273,7 @@ def test_disk_full_mid_run_is_one_line_keeps_last_pt_and_resumes_exactly(
 ):
     args = [*TINY, "--batch-size", "128", "--epochs", "1", "--eval-every", "4", "--seed", "2"]
     out = tmp_path / "run"
-    monkeypatch.setattr(ckpt.os, "fsync", _fails_on_second_checkpoint(os.fsync))
+    monkeypatch.setattr(fileio.os, "fsync", _fails_on_second_checkpoint(os.fsync))
     assert main(["train", *args, "--out", str(out)]) == 2
     line = _one_error_line(capsys)
     assert "no space left on device writing" in line and "last.pt" in line

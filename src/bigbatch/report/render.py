@@ -9,12 +9,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigbatch.fileio import atomic_write_bytes
 from bigbatch.report.tables import (
     GridData,
     arm_rows,
@@ -44,21 +43,13 @@ code { background: #f5f5f5; padding: 0 0.2rem; } .note { color: #8a4b00; }
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace`` (never torn)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically; returns the path.
+
+    A thin wrapper of :func:`bigbatch.fileio.atomic_write_bytes` (temp file, fsync, rename,
+    directory fsync; disk full is a one-line StorageError) that returns the path.
+    """
+    atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 @dataclass

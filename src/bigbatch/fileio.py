@@ -1,0 +1,130 @@
+"""Atomic file writes shared by the engine, the grid runner and the report (no torch import).
+
+Every output file goes through :func:`atomic_write_bytes`: the data goes to a temporary file in the
+same directory, is flushed and fsynced, then ``os.replace``-d over the target, and the directory is
+fsynced. A crash (or SIGKILL) at any moment leaves either the old file or the new one, never half of
+each.
+
+A write that fails (disk full, read-only filesystem, a directory where the file should go) raises
+:class:`StorageError`, a one-line ``BigBatchError`` naming the path ("no space left on device
+writing ..."); the previous file is intact and the temporary file removed. A process killed
+mid-write leaves a stray ``.NAME.*.tmp`` file: readers never look at it, and
+:func:`remove_stale_temp_files` (called on resume) deletes it.
+
+Fault injection for tests: when the environment variable ``BIGBATCH_TEST_WRITE_DELAY_S`` is set,
+every atomic write sleeps that many seconds after writing the temporary file and before renaming
+it, widening the "killed during a write" window from microseconds to something a test can hit
+(``tests/test_reliability_kill.py``). Unset, it costs one dict lookup per write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bigbatch.errors import BigBatchError
+
+__all__ = [
+    "StorageError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "remove_stale_temp_files",
+    "storage_error",
+]
+
+TEMP_PATTERN = ".*.tmp"  # what atomic_write_bytes names its temporary files (mkstemp below)
+_WRITE_DELAY_ENV = "BIGBATCH_TEST_WRITE_DELAY_S"
+
+
+class StorageError(BigBatchError, OSError):
+    """Writing an output file failed (disk full, permissions, read-only filesystem)."""
+
+
+def storage_error(exc: OSError, path: str | Path) -> StorageError:
+    """A one-line :class:`StorageError` for ``exc`` raised while writing ``path``."""
+    if exc.errno == errno.ENOSPC:
+        what = "no space left on device"
+    elif exc.errno == errno.EDQUOT:
+        what = "disk quota exceeded"
+    else:
+        what = exc.strerror or str(exc) or type(exc).__name__
+    error = StorageError(f"{what} writing {str(path)!r}; the previous file is unchanged")
+    error.errno = exc.errno
+    return error
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temporary files left in ``directory`` by a write that was killed; returns them.
+
+    Only names that :func:`atomic_write_bytes` creates (``.NAME.XXXX.tmp``) are touched. Call it
+    when no other process writes to ``directory`` (on resume).
+    """
+    removed = []
+    for path in Path(directory).glob(TEMP_PATTERN):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Not possible on every platform/filesystem (e.g. Windows).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, ``os.replace``).
+
+    Raises:
+        StorageError: the write failed (e.g. disk full); ``path`` keeps its previous content and
+            no temporary file is left.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        delay = os.environ.get(_WRITE_DELAY_ENV)
+        if delay:
+            time.sleep(float(delay))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(exc, path) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """:func:`atomic_write_bytes` for JSON (indented, keys in insertion order, trailing newline)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
