@@ -120,3 +120,12 @@ def test_truncate_rows_drops_rows_after_the_checkpoint_and_partial_lines(tmp_pat
     log.close()
     assert [r["updates"] for r in read_rows(tmp_path / "metrics.csv")] == [4, 8, 12]
     assert truncate_rows(tmp_path / "absent.csv", 3) == 0
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "summary.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644

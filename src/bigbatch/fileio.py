@@ -42,6 +42,14 @@ TEMP_PATTERN = ".*.tmp"  # what atomic_write_bytes names its temporary files (mk
 _WRITE_DELAY_ENV = "BIGBATCH_TEST_WRITE_DELAY_S"
 
 
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; outputs should get the mode a plain open() would (0666 & ~umask)
+    # so that colleagues on a shared machine can read runs. os.umask can only be read by setting it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class StorageError(BigBatchError, OSError):
     """Writing an output file failed (disk full, permissions, read-only filesystem)."""
 
@@ -102,6 +110,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise storage_error(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
