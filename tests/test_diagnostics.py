@@ -190,7 +190,12 @@ def test_fit_sqrt_beats_fit_log_on_sqrt_data():
     assert fit_log(t, d).r2 < 0.9
 
 
-@given(a=st.floats(-10, 10), b=st.floats(-10, 10),
+# Slopes are 0 (constant data, r2 defined as 1) or at least 1e-3 in size: with |b| near machine
+# epsilon the data differ only by rounding, and no R^2 is meaningful (hypothesis found b=2.2e-16).
+_SLOPES = st.just(0.0) | st.floats(-10, -1e-3) | st.floats(1e-3, 10)
+
+
+@given(a=st.floats(-10, 10), b=_SLOPES,
        t=st.lists(st.integers(1, 10**6), min_size=2, max_size=30, unique=True))
 def test_exact_data_is_fitted_exactly(a, b, t):
     t = np.array(t, dtype=float)

@@ -88,7 +88,7 @@ def test_paper_numbers_carry_their_status_comment():
     assert '"LB+LR+GBN" = 86.4  # (v)' in text and '"SB" = 87.8  # (r)' in text
 
 
-def test_demo_preset_is_the_calibrated_grid():
+def test_demo_preset_is_the_measured_grid():
     preset = load_preset("demo")
     base, grid = preset["base"], preset["grid"]
     assert (base["model"], base["dataset"], base["train_subset"]) == ("f1", "fashion-mnist", 16000)
@@ -97,7 +97,7 @@ def test_demo_preset_is_the_calibrated_grid():
     assert grid["seeds"] == [0, 1, 2]
     regime = base["regime"]
     assert regime["epochs"] == 5
-    assert [(p["epoch"], p["lr"]) for p in regime["phases"]] == [(0, 0.1), (3, 0.01), (4, 0.001)]
+    assert [(p["epoch"], p["lr"]) for p in regime["phases"]] == [(0, 0.02), (3, 0.002), (4, 0.0002)]
     assert regime["phases"][0]["momentum"] == 0.9 and regime["phases"][0]["weight_decay"] == 1e-4
     assert "TO BE MEASURED" in preset["evidence"]["text"]
 
