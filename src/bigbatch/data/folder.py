@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from bigbatch.data.pipeline import derive_seed, seeded_generator, shard_bounds, split_batches
+from bigbatch.data.pipeline import EpochBatches, derive_seed, shard_bounds
 from bigbatch.errors import DataError
 
 __all__ = [
@@ -163,7 +163,7 @@ class FolderDataset(Dataset):
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), label
 
 
-class FolderLoader:
+class FolderLoader(EpochBatches):
     """Batches of a class-per-folder image dataset via a ``DataLoader``; the InMemoryLoader API.
 
     Args:
@@ -208,20 +208,6 @@ class FolderLoader:
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
-
-    def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        batches = math.ceil(n / b)
-        return batches - 1 if self.train and batches > 1 and n % b == 1 else batches
-
-    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if self.train:
-            order = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch))
-        else:
-            order = torch.arange(self.num_samples)
-        return split_batches(order, self.batch_size, trim_single=self.train)
 
     def iterate(
         self, epoch: int, start_step: int = 0, shard: tuple[int, int] | None = None

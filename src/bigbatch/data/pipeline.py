@@ -122,7 +122,39 @@ def apply_crop_flip(
     return padded.view(n, c, (h + 2 * padding) * pw).gather(2, flat).view(n, c, h, w)
 
 
-class InMemoryLoader:
+class EpochBatches:
+    """What every loader shares: ceil(N / B) batches per epoch, a seeded permutation per epoch.
+
+    Subclasses set ``batch_size``, ``seed`` and ``train`` and define ``num_samples``. Training
+    epochs are a permutation from (seed, epoch) split into batches, with a last batch of exactly
+    one sample dropped (batch norm cannot train on it); evaluation keeps every sample, in order.
+    """
+
+    batch_size: int
+    seed: int
+    train: bool
+
+    @property
+    def num_samples(self) -> int:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        batches = math.ceil(n / b)
+        return batches - 1 if self.train and batches > 1 and n % b == 1 else batches
+
+    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        """The sample indices (CPU LongTensors) of every step of ``epoch``, in order."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if self.train:
+            order = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        return split_batches(order, self.batch_size, trim_single=self.train)
+
+
+class InMemoryLoader(EpochBatches):
     """Batches of an in-memory uint8 dataset, augmented and normalised on the device.
 
     Args:
@@ -205,21 +237,6 @@ class InMemoryLoader:
     def num_samples(self) -> int:
         """Size of the dataset (an epoch visits all, minus a trimmed single last sample)."""
         return self.images.shape[0]
-
-    def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        batches = math.ceil(n / b)
-        return batches - 1 if self.train and batches > 1 and n % b == 1 else batches
-
-    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
-        """The sample indices (CPU LongTensors) of every step of ``epoch``, in order."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if self.train:
-            order = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch))
-        else:
-            order = torch.arange(self.num_samples)
-        return split_batches(order, self.batch_size, trim_single=self.train)
 
     def iterate(
         self, epoch: int, start_step: int = 0, shard: tuple[int, int] | None = None

@@ -43,7 +43,31 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-class CSVWriter:
+class _AppendFile:
+    """A file opened for appending on first write, flushed after each row; close() is idempotent."""
+
+    path: Path
+    _file: Any = None
+
+    def _append(self, text: str, **open_kwargs: Any) -> None:
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8", **open_kwargs)  # noqa: SIM115
+            self._file.write(text)
+            self._file.flush()
+        except OSError as exc:  # disk full: one line naming the file (a torn row is cut on resume)
+            raise storage_error(exc, self.path) from None
+
+    def close(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # a flush that failed already raised StorageError from write()
+                pass
+
+
+class CSVWriter(_AppendFile):
     """Appends rows to a CSV file; the header comes from the first row (or the existing file).
 
     Args:
@@ -67,28 +91,17 @@ class CSVWriter:
         missing = [k for k in self.fields if k not in row]
         if missing:
             raise ValueError(f"row for {self.path.name} lacks columns {missing}")
-        try:
-            new = not self.path.exists() or self.path.stat().st_size == 0
-            if self._file is None:
-                self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
-            writer = csv.writer(self._file)
-            if new:
-                writer.writerow(self.fields)
-            writer.writerow([_csv_value(row[k]) for k in self.fields])
-            self._file.flush()
-        except OSError as exc:  # disk full: one line naming the file (a torn row is cut on resume)
-            raise storage_error(exc, self.path) from None
-
-    def close(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            try:
-                file.close()
-            except OSError:  # a flush that failed already raised StorageError from write()
-                pass
+        # Format the row in memory and append it with one write, so a header and its first row
+        # (or a row) are never split by a failed write.
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            writer.writerow(self.fields)
+        writer.writerow([_csv_value(row[k]) for k in self.fields])
+        self._append(buffer.getvalue(), newline="")
 
 
-class JSONLWriter:
+class JSONLWriter(_AppendFile):
     """Appends one JSON object per line (NaN/Inf written as JSON ``NaN``/``Infinity``)."""
 
     def __init__(self, path: str | Path):
@@ -96,21 +109,8 @@ class JSONLWriter:
         self._file = None
 
     def write(self, row: Mapping[str, Any]) -> None:
-        try:
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write(json.dumps(dict(row)) + "\n")
-            self._file.flush()
-        except OSError as exc:
-            raise storage_error(exc, self.path) from None
+        self._append(json.dumps(dict(row)) + "\n")
 
-    def close(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            try:
-                file.close()
-            except OSError:  # a flush that failed already raised StorageError from write()
-                pass
 
 
 class TensorBoardWriter:
