@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -157,6 +158,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"loader worker processes (folder datasets) {_default('num_workers')}")
     g.add_argument("--checkpoint-every-minutes", type=float, metavar="MIN",
                    help="also checkpoint mid-epoch every MIN minutes (default: at evaluations)")
+    g.add_argument("--exact-ghost-alignment", action=argparse.BooleanOptionalAction,
+                   help="under torchrun, require the ghost batch size to divide the per-process "
+                        "batch (single-process equivalence) "
+                        f"{_default('exact_ghost_alignment')}")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -236,6 +241,7 @@ _TRAIN_KEYS = (
     "base_batch_size", "ghost_batch_size", "micro_batch_size", "lr_scaling", "warmup_epochs",
     "epochs", "clip_grad_norm", "seed", "device", "eval_every_updates", "eval_batch_size", "amp",
     "compile", "on_nonfinite", "progress", "num_workers", "checkpoint_every_minutes",
+    "exact_ghost_alignment",
 )
 
 
@@ -281,6 +287,15 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
             logging.getLogger("bigbatch").info("removed %s (left by an interrupted write)", path)
 
 
+def _launcher_rank() -> int:
+    """torchrun's rank of this process, 0 outside torchrun (where torch is not imported for it)."""
+    if "RANK" not in os.environ:
+        return 0
+    from bigbatch.distributed import launcher_rank
+
+    return launcher_rank()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.train.config import load_config, merge_config, read_config_file
     from bigbatch.train.loop import _RESUME_FREE_KEYS, train
@@ -305,10 +320,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = read_config_file(args.config) if args.config is not None else {}
         config = merge_config(base, flags)
+        if args.out is None and "RANK" in os.environ:  # under torchrun
+            # A time-stamped default would differ between processes (and elastic restarts).
+            raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
+                              "restart of the job, must use the same run directory")
         run_dir = args.out if args.out is not None else _default_run_dir(config)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".bigbatch-write-test"
+            # One probe per process: torchrun's processes probe the same directory at once.
+            probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -316,6 +336,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                               f"{e.strerror or e}") from None
     logging.getLogger("bigbatch").info("run directory: %s", run_dir)
     summary = train(config, run_dir, resume=args.resume is not None)
+    if _launcher_rank() != 0:
+        return 0  # under torchrun rank 0 reports for the job
     print(
         f"{run_dir}: final val error {summary['final_val_error_pct']:.2f}% "
         f"(best {summary['best_val_error_pct']:.2f}%) after {summary['updates']} updates, "
@@ -411,7 +433,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("runs") / Path(args.preset).stem
     grid_dir = run_grid(args.preset, out, seeds=args.seeds, arms=args.arms, device=args.device,
                         overrides=overrides or None)
-    print(f"grid: {grid_dir}")
+    if _launcher_rank() == 0:
+        print(f"grid: {grid_dir}")
     return 0
 
 
@@ -444,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input or divergence, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    # Under torchrun only rank 0 logs progress; the other processes still report warnings.
+    quiet = args.quiet or _launcher_rank() != 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
         return int(args.handler(args) or 0)

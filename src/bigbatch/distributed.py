@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -76,6 +77,9 @@ from bigbatch.errors import ConfigError
 __all__ = [
     "DistContext",
     "all_reduce_sum",
+    "elastic_job_id",
+    "elastic_restart_count",
+    "launcher_rank",
     "average_bn_running_stats",
     "barrier",
     "broadcast_object",
@@ -88,6 +92,7 @@ __all__ = [
     "shard_batch_size",
     "shard_range",
     "teardown",
+    "under_torchrun",
     "unwrap",
     "wrap_model",
 ]
@@ -197,6 +202,55 @@ def setup(device: str | torch.device = "auto") -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistContext(rank, local_rank, world_size, backend, resolved, enabled=True)
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (``RANK`` is set); usable before :func:`setup`.
+
+    """
+    return "RANK" in os.environ
+
+
+def launcher_rank() -> int:
+    """This process's global rank as torchrun set it (0 outside torchrun), before :func:`setup`.
+
+    The CLI uses it to configure logging (only rank 0 logs at INFO) before any process group exists.
+    An unparsable ``RANK`` counts as 0 here; :func:`setup` reports it.
+    """
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def elastic_restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (``--max-restarts``); 0 outside it.
+
+    torchrun's elastic agent restarts *all* workers after any of them fails, with
+    ``TORCHELASTIC_RESTART_COUNT`` counting the restarts; ``bigbatch.train`` then resumes from the
+    last checkpoint (see :func:`elastic_job_id`).
+    """
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def elastic_job_id() -> str | None:
+    """An identifier of this torchrun job that stays the same across its elastic restarts.
+
+    It is the rendezvous id (``--rdzv-id``; ``--standalone`` draws a random one) when there is one.
+    torchrun's default static rendezvous calls every job ``"none"``; then the torchrun agent that
+    started this process (host and process id), which lives for the whole job, identifies it.
+    ``None`` outside torchrun. Checkpoints record it so that an elastic restart resumes only a run
+    that this job started, never an older run that happened to be in the same directory.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    run_id = os.environ["TORCHELASTIC_RUN_ID"]
+    if run_id and run_id != "none":
+        return run_id
+    return f"{socket.gethostname()}:{os.getppid()}"
 
 
 def teardown(ctx: DistContext) -> None:

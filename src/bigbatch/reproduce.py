@@ -381,9 +381,14 @@ def run_grid(
     if arm_list is not None:
         resolved["grid"]["arms"] = _arms(arm_list)
     old = _check_same_grid(out_dir, resolved)
+    from bigbatch.distributed import launcher_rank
     from bigbatch.report.render import FIGURE_DIR
 
-    _remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
+    # Under torchrun every process runs the grid (each run is one DDP job) but only rank 0 writes
+    # grid files and the report; the engine itself writes run files on rank 0 only.
+    is_main = launcher_rank() == 0
+    if is_main:
+        _remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
 
     # grid.toml describes everything in the directory: the union with an earlier call's seeds/arms.
     record = _drop_none(resolved)
@@ -398,7 +403,8 @@ def run_grid(
 
     from bigbatch.report.render import atomic_write
 
-    atomic_write(out_dir / "grid.toml", tomli_w.dumps(record))
+    if is_main:
+        atomic_write(out_dir / "grid.toml", tomli_w.dumps(record))
 
     plan = [(seed, arm) for seed in resolved["grid"]["seeds"] for arm in resolved["grid"]["arms"]]
     started = time.perf_counter()
@@ -424,6 +430,8 @@ def run_grid(
             log.warning("[%d/%d] %s seed %d diverged: %s", index, len(plan), arm, seed, e)
             continue
         log.info("[%d/%d] %s", index, len(plan), _one_line(arm, seed, summary, "done"))
+    if not is_main:
+        return out_dir
     from bigbatch.report import write_report
 
     md_path, html_path = write_report(out_dir)

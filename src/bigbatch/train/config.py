@@ -89,6 +89,10 @@ class RunConfig:
             ``"none"``.
         checkpoint_every_minutes: also write ``last.pt`` mid-epoch this often (``None``: only at
             evaluations).
+        exact_ghost_alignment: under torchrun, require ``ghost_batch_size`` to divide the
+            per-process batch (``batch_size / world_size``), so that every process's ghost batches
+            are exactly those of single-process training; ``False`` accepts any ghost size (each
+            process then ends its slice with a shorter ghost batch). No effect in one process.
 
     Raises:
         ConfigError: for any invalid value (checked on construction, also by
@@ -124,6 +128,7 @@ class RunConfig:
     num_workers: int = 2
     progress: str = "auto"
     checkpoint_every_minutes: float | None = None
+    exact_ghost_alignment: bool = True
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -240,7 +245,7 @@ def _validate(cfg: RunConfig) -> None:
         cfg.data_dir = str(cfg.data_dir)
     if cfg.data_dir is not None and (not isinstance(cfg.data_dir, str) or not cfg.data_dir):
         _fail("data_dir", cfg.data_dir, "a directory path or none")
-    for key in ("download", "log_diffusion", "compile"):
+    for key in ("download", "log_diffusion", "compile", "exact_ghost_alignment"):
         _check_bool(cfg, key)
     _check_int(cfg, "train_subset", minimum=2, optional=True)
     _check_int(cfg, "held_out", minimum=0)

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bigbatch
-from bigbatch.errors import ConfigError, DivergenceError
+from bigbatch.errors import BigBatchError, ConfigError, DivergenceError
 from bigbatch.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -113,6 +113,7 @@ def forward_backward(
     micro_batch_size: int | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     no_sync: Any = None,
+    world_size: int = 1,
 ) -> StepResult:
     """Forward and backward over one batch, in micro-batches if asked; gradients are accumulated.
 
@@ -130,12 +131,16 @@ def forward_backward(
         autocast: context for the forward pass (e.g. bf16 autocast); ``None`` = none.
         no_sync: ``callable(is_last) -> context`` that skips DDP's all-reduce on all but the last
             micro-batch; ``None`` = no DDP.
+        world_size: processes whose gradients DDP *averages*; each summed loss is divided by
+            ``global_batch_size / world_size`` so that the average is the gradient of the mean
+            over the global batch (``distributed.loss_scale``).
 
     Returns:
         :class:`StepResult` with the detached loss sum and top-1 hits of this batch.
     """
     n = x.shape[0]
-    total = global_batch_size or n
+    # Single process: divide by the batch size itself (world_size=1 keeps the same rounding).
+    total = (global_batch_size or n) / world_size
     chunks = (
         list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
         if micro_batch_size and micro_batch_size < n
@@ -179,12 +184,33 @@ def evaluate(
 
     Puts the model in eval mode (batch norm uses its running statistics) and restores train mode.
     """
+    return _val_row(
+        _evaluation_sums(
+            model, batches, num_classes=num_classes, autocast=autocast, channels_last=channels_last
+        ),
+        num_classes,
+    )
+
+
+@torch.no_grad()
+def _evaluation_sums(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_classes: int,
+    autocast: contextlib.AbstractContextManager | None = None,
+    channels_last: bool = False,
+) -> dict[str, float | int]:
+    """Loss sum, top-1/top-5 hits and sample count over ``batches`` (this process's shard under
+    DDP: sums add up over processes, averages would not)."""
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = 0.0
     n = 0
     try:
         for x, y in batches:
+            if y.numel() == 0:
+                continue  # a shard of a last batch smaller than the number of processes
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast or contextlib.nullcontext():
@@ -198,11 +224,24 @@ def evaluate(
             n += y.numel()
     finally:
         model.train(was_training)
+    return {
+        "val_loss_sum": loss_sum,
+        "val_correct1": correct1,
+        "val_correct5": correct5,
+        "val_samples": n,
+    }
+
+
+def _val_row(sums: dict[str, float | int], num_classes: int) -> dict[str, float]:
+    n = sums["val_samples"]
     if n == 0:
         raise ConfigError("the validation set is empty")
-    row = {"val_loss": loss_sum / n, "val_error_pct": 100.0 * (1 - correct1 / n)}
+    row = {
+        "val_loss": sums["val_loss_sum"] / n,
+        "val_error_pct": 100.0 * (1 - sums["val_correct1"] / n),
+    }
     if num_classes > 5:
-        row["val_top5_error_pct"] = 100.0 * (1 - correct5 / n)
+        row["val_top5_error_pct"] = 100.0 * (1 - sums["val_correct5"] / n)
     return row
 
 
@@ -242,6 +281,24 @@ def _check_normalisation_groups(config: RunConfig, batch_sizes: set[int], has_bn
                 f"of 1 sample, which batch norm cannot normalise; choose a {what} size "
                 f"that leaves a remainder other than 1 (or change --train-subset/--batch-size)"
             )
+
+
+def _shard_sizes(batch_sizes: set[int], world_size: int) -> set[int]:
+    """The per-process slice sizes of these global batches (the loader's ``shard`` split)."""
+    from bigbatch.data.pipeline import shard_bounds
+
+    sizes = set()
+    for size in batch_sizes:
+        for rank in range(world_size):
+            start, stop = shard_bounds(size, (rank, world_size))
+            if stop == start:
+                raise ConfigError(
+                    f"a batch of {size} samples (the last of an epoch) leaves process {rank} of "
+                    f"{world_size} without samples; change --batch-size or --train-subset so that "
+                    f"the last batch has at least {world_size} samples"
+                )
+            sizes.add(stop - start)
+    return sizes
 
 
 def _autocast(config: RunConfig, device: torch.device):
@@ -305,6 +362,15 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -> di
         resume: continue from ``run_dir/checkpoints/last.pt`` (a completed run returns its summary;
             a run with no checkpoint yet starts over).
 
+    Under torchrun (``torchrun --nproc-per-node N -m bigbatch train ...``) every process calls this:
+    ``config.batch_size`` is the global batch, split into contiguous slices of ``batch_size / N``
+    (the loader's ``shard=(rank, N)``); DDP averages the gradients, micro-batches accumulate under
+    ``no_sync``; ghost batch norm stays local to each process and the running statistics are
+    averaged over processes before every evaluation and checkpoint; evaluation is sharded and its
+    sums reduced; only rank 0 writes files. After a failure, ``torchrun --max-restarts`` restarts
+    every process and they resume from ``last.pt`` (``TORCHELASTIC_RESTART_COUNT > 0``), if this
+    torchrun job started the run. See ``bigbatch.distributed`` and the README.
+
     Returns:
         The summary dict (also written to ``summary.json``).
 
@@ -316,13 +382,16 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -> di
     from bigbatch import distributed
 
     run_dir = Path(run_dir)
+    # torchrun --max-restarts restarts every worker after a failure: continue from last.pt (only a
+    # run that this torchrun job started; _prepare_run_dir checks the job id in the checkpoint).
+    auto_resume = not resume and distributed.elastic_restart_count() > 0
     ctx = distributed.setup(config.device)
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         if ctx.device.type == "cpu":
             # Bitwise reproducible on CPU (resume == uninterrupted); warn_only: never refuse an op.
             torch.use_deterministic_algorithms(True, warn_only=True)
-        return _Run(config, run_dir, ctx, resume).run()
+        return _Run(config, run_dir, ctx, resume or auto_resume, auto_resume).run()
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         distributed.teardown(ctx)
@@ -331,7 +400,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -> di
 class _Run:
     """The state of one run; :meth:`run` is the loop. Split out of ``train`` for readability."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, ctx: Any, resume: bool):
+    def __init__(
+        self, config: RunConfig, run_dir: Path, ctx: Any, resume: bool, auto_resume: bool = False
+    ):
         from bigbatch import data, distributed
         from bigbatch.diagnostics import WeightDistance, log_spaced_updates
         from bigbatch.recipes import build_optimizer
@@ -344,11 +415,22 @@ class _Run:
         # The model's default regime is written out explicitly: config.toml alone rebuilds the run.
         self.config = config = config.replace(regime=base_regime_dict(config))
         self.ckpt_dir = run_dir / "checkpoints"
-        self.start_state = self._prepare_run_dir(resume)
+        # The global batch splits over the processes (checked before any file is touched).
+        self.per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
+        if ctx.enabled:
+            distributed.check_ghost_alignment(
+                self.per_rank_batch, config.ghost_batch_size, exact=config.exact_ghost_alignment
+            )
+        self.start_state = self._prepare_run_dir(resume, auto_resume)
 
         torch.manual_seed(config.seed)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        # Under torchrun with --download, one process per node fetches the files while the others
+        # wait, so that no two processes write the same file.
+        first_on_node = ctx.local_rank == 0
+        if config.download and not first_on_node:
+            distributed.barrier(ctx)
         self.train_loader, self.val_loader, self.info = data.build_loaders(
             config.dataset,
             data_dir=config.data_dir,
@@ -361,6 +443,8 @@ class _Run:
             download=config.download,
             num_workers=config.num_workers,
         )
+        if config.download and first_on_node:
+            distributed.barrier(ctx)
         self.dataset_size = int(self.train_loader.num_samples)
         self.updates_per_epoch = len(self.train_loader)
         self.base_regime, self.regime = resolve_regime(config, self.dataset_size)
@@ -369,13 +453,10 @@ class _Run:
         self.num_updates = max(1, math.floor(exact + 0.5 + 1e-9 * max(1.0, exact)))
 
         model = build_model(config, self.info)
-        self.per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
-        if ctx.enabled:
-            distributed.check_ghost_alignment(self.per_rank_batch, config.ghost_batch_size)
         # Batch sizes of an epoch (the last one is partial); under DDP the per-process slices.
-        sizes = {self.per_rank_batch}
-        if not ctx.enabled:
-            sizes |= {int(ix.numel()) for ix in self.train_loader.batch_indices(0)}
+        sizes = _shard_sizes(
+            {int(ix.numel()) for ix in self.train_loader.batch_indices(0)}, ctx.world_size
+        )
         _check_normalisation_groups(config, sizes, _has_batchnorm(model))
         if config.micro_batch_size and _has_batchnorm(model) and config.ghost_batch_size is None:
             log.warning(
@@ -391,8 +472,9 @@ class _Run:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: state_dict, weight distance
-        self.weight_distance = WeightDistance(model)
+        # DDP broadcasts rank 0's weights when wrapping: w0 is taken after, the same on every rank.
         self.train_model = distributed.wrap_model(model, ctx)
+        self.weight_distance = WeightDistance(model)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
         self.optimizer = build_optimizer(model.parameters(), self.regime)
@@ -405,7 +487,25 @@ class _Run:
         self.started = time.perf_counter()
 
     # -- run directory, resume --------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> dict | None:
+    def _prepare_run_dir(self, resume: bool, auto_resume: bool) -> dict | None:
+        """Rank 0 checks the run directory and loads the checkpoint; every process gets its verdict.
+
+        Under DDP the other processes never read the directory themselves: they could see it in
+        another state (rank 0 creating it) or not at all (a node-local disk), and every process
+        must resume from the same checkpoint or fail with the same error.
+        """
+        outcome: dict | None | BigBatchError = None
+        if self.is_main:
+            try:
+                outcome = self._prepare_run_dir_main(resume, auto_resume)
+            except BigBatchError as error:
+                outcome = error
+        outcome = self.dist.broadcast_object(outcome, self.ctx)
+        if isinstance(outcome, BigBatchError):
+            raise outcome
+        return outcome
+
+    def _prepare_run_dir_main(self, resume: bool, auto_resume: bool) -> dict | None:
         last = self.ckpt_dir / "last.pt"
         if not resume:
             if last.exists() or (self.run_dir / "metrics.csv").exists():
@@ -417,6 +517,13 @@ class _Run:
             state = load_checkpoint(last, map_location="cpu")
             if state.get("format") != CHECKPOINT_FORMAT:
                 raise ConfigError(f"{last} is not a {CHECKPOINT_FORMAT} checkpoint")
+            job = self.dist.elastic_job_id()
+            if auto_resume and state.get("elastic_job_id") != job:
+                raise ConfigError(
+                    f"torchrun restarted this job (TORCHELASTIC_RESTART_COUNT > 0) but "
+                    f"{str(self.run_dir)!r} holds a run that this job did not start; continue "
+                    f"it with `bigbatch train --resume {self.run_dir}` or choose another --out"
+                )
             saved = RunConfig.from_dict(state["config"]).to_dict()
             now = self.config.to_dict()
             changed = [k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k]]
@@ -485,9 +592,14 @@ class _Run:
             "counters": dataclasses.asdict(self.counters),
             "config": self.config.to_dict(),
             "bigbatch_version": bigbatch.__version__,
+            "world_size": self.ctx.world_size,
+            "elastic_job_id": self.dist.elastic_job_id(),
         }
 
     def _save(self, *, best: bool) -> None:
+        # Every process calls this at the same update: the running statistics are averaged over
+        # processes (a collective) so that the checkpoint does not hold rank 0's alone.
+        self.dist.average_bn_running_stats(self.model, self.ctx)
         # Never let NaN weights replace the last good checkpoint.
         if not _finite_params(self.model):
             raise DivergenceError(
@@ -530,18 +642,29 @@ class _Run:
         self, metrics: MetricsLogger | None, diffusion: MetricsLogger | None, progress: Progress
     ) -> dict[str, Any]:
         c = self.counters
+        # Ghost BN is local, so each process's running statistics come from its own slices:
+        # evaluate (and save) their average over processes, the same model on every process.
         self.dist.average_bn_running_stats(self.model, self.ctx)
-        val = evaluate(
+        # Sharded: each process evaluates its contiguous slice of every validation batch; the
+        # sums (not the averages) are added up over processes in one collective.
+        shard = (self.ctx.rank, self.ctx.world_size) if self.ctx.enabled else None
+        val_sums = _evaluation_sums(
             self.train_model,
-            self.val_loader.iterate(0),
+            self.val_loader.iterate(0, shard=shard),
             num_classes=self.info.num_classes,
             autocast=self.autocast,
             channels_last=self.channels_last,
         )
         sums = self.dist.reduce_metrics(
-            {"loss": c.train_loss_sum, "correct": c.train_correct, "samples": c.train_samples},
+            {
+                "loss": c.train_loss_sum,
+                "correct": c.train_correct,
+                "samples": c.train_samples,
+                **val_sums,
+            },
             self.ctx,
         )
+        val = _val_row(sums, self.info.num_classes)
         seen = max(sums["samples"], 1)
         distance = self._log_diffusion(diffusion)
         row = {
@@ -582,9 +705,11 @@ class _Run:
         config, c = self.config, self.counters
         summary_path = self.run_dir / "summary.json"
         if self.start_state is not None:
-            if summary_path.exists() and _read_json(summary_path).get("status") == "complete":
+            done = _read_json(summary_path) if self.is_main and summary_path.exists() else {}
+            done = self.dist.broadcast_object(done, self.ctx)
+            if done.get("status") == "complete":
                 log.info("%s is already complete", self.run_dir)
-                return _read_json(summary_path)
+                return done
             self._restore(self.start_state)
             c = self.counters
         elif self.is_main:
@@ -638,9 +763,15 @@ class _Run:
                         micro_batch_size=config.micro_batch_size,
                         autocast=self.autocast,
                         no_sync=no_sync,
+                        world_size=self.ctx.world_size,
                     )
                     grad_norm = _grad_norm(self.params, config.clip_grad_norm)
-                    loss_sum, correct = self._reduce_step(result)
+                    # Rank 0's clock decides a timed checkpoint (a collective: all must agree).
+                    time_due = (
+                        self.is_main
+                        and time.perf_counter() - self.last_checkpoint_time > ckpt_seconds
+                    )
+                    loss_sum, correct, time_due = self._reduce_step(result, time_due)
                     loss_sum, correct, norm = torch.stack(
                         [loss_sum.float(), correct.float(), grad_norm.float().to(loss_sum.device)]
                     ).tolist()  # the one host sync per update
@@ -670,7 +801,7 @@ class _Run:
                         self._log_diffusion(diffusion)  # evaluations log their own row
                     if eval_due:
                         row = self._evaluate(metrics, diffusion, progress)
-                    elif c.updates % upe == 0 or now - self.last_checkpoint_time > ckpt_seconds:
+                    elif c.updates % upe == 0 or time_due:
                         self._save(best=False)
                     if done:
                         break
@@ -695,13 +826,17 @@ class _Run:
             return n
         return int(self.dist.all_reduce_sum(float(n), self.ctx))
 
-    def _reduce_step(self, result: StepResult) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce_step(
+        self, result: StepResult, time_due: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Sum the step's loss and hits over processes; ``time_due`` (rank 0's) rides along."""
         if not self.ctx.enabled:
-            return result.loss_sum, result.correct
-        both = self.dist.all_reduce_sum(
-            torch.stack([result.loss_sum, result.correct.float()]), self.ctx
+            return result.loss_sum, result.correct, time_due
+        flag = torch.tensor(float(time_due), device=result.loss_sum.device)
+        summed = self.dist.all_reduce_sum(
+            torch.stack([result.loss_sum, result.correct.float(), flag]), self.ctx
         )
-        return both[0], both[1]
+        return summed[0], summed[1], bool(summed[2].item())
 
     def _nonfinite(self, loss_sum: float, norm: float, settings: dict[str, Any]) -> None:
         c = self.counters
