@@ -66,11 +66,13 @@ def plot_error_curves(grid: GridData, x: str = "epoch") -> bytes | None:
     """Validation error vs epochs (linear) or updates (log), mean over seeds with a min-max band."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
+    final_xs = []
     for arm in grid.arms:
         curve = _curve(grid.complete_runs(arm), "val_error_pct", x)
         if curve is None:
             continue
         xs, mean, low, high = curve
+        final_xs.append(float(xs[-1]))
         n = len(grid.complete_runs(arm))
         ax.plot(xs, mean, color=_COLORS.get(arm), label=f"{arm} ({n} seed{'s' * (n != 1)})")
         if n > 1:
@@ -79,9 +81,12 @@ def plot_error_curves(grid: GridData, x: str = "epoch") -> bytes | None:
     if not drawn:
         plt.close(fig)
         return None
-    if x == "updates":
+    # Regime adaptation stretches training (x32 epochs in the demo): on a linear axis the other
+    # arms would be squeezed into the first few percent, so epochs go on a log axis then too.
+    log_x = x == "updates" or (min(final_xs) > 0 and max(final_xs) / min(final_xs) > 4)
+    if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel("updates (log scale)" if x == "updates" else "epochs")
+    ax.set_xlabel(f"{'updates' if x == 'updates' else 'epochs'}{' (log scale)' if log_x else ''}")
     ax.set_ylabel("validation error %")
     ax.set_title(
         f"Validation error vs {'updates' if x == 'updates' else 'epochs'} (mean, min-max band)"
