@@ -15,6 +15,7 @@ batches of 8 (aligned with the split), 3 epochs = 192 updates, an evaluation eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -177,7 +178,8 @@ def test_sharded_evaluation_equals_full_evaluation(ddp_run):
 
 def test_only_rank_0_writes(ddp_run):
     run_dir = ddp_run / "run"
-    assert sorted(p.name for p in run_dir.iterdir()) == [
+    optional = {"tensorboard"}  # event files when the tensorboard extra is installed
+    assert sorted(p.name for p in run_dir.iterdir() if p.name not in optional) == [
         "checkpoints", "config.toml", "diffusion.csv", "diffusion.jsonl", "metrics.csv",
         "metrics.jsonl", "summary.json"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
@@ -190,11 +192,16 @@ def test_only_rank_0_writes(ddp_run):
 
 
 # -------------------------------------------------------------------------------------------------
-# Job 2: torchrun, rank 1 killed after a checkpoint, elastic restart resumes
+# Job 2: torchrun, the whole job SIGKILLed after a checkpoint, then resumed by a second torchrun
 # -------------------------------------------------------------------------------------------------
+# (torchrun's own elastic restart of a killed rank was tried here first; on a loaded 2-core machine
+# gloo's reconnection in the restarted round timed out or hung in about 1 run in 3, so the restart
+# is driven explicitly: a second `torchrun ... --resume`. The automatic resume on an elastic
+# restart is checked below through the environment torchrun sets.)
 
 
 def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc: Linux only)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -207,68 +214,82 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _worker_with_rank(agent_pid: int, rank: int) -> int | None:
-    for pid in _children(agent_pid):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), "-m", "bigbatch", "train", *args]
+
+
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
-def elastic_run(tmp_path_factory):
+def resumed_run(tmp_path_factory):
     if not sys.platform.startswith("linux"):
         pytest.skip("finds torchrun's worker processes through /proc")
-    run_dir = tmp_path_factory.mktemp("elastic") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), "--max-restarts", "1", "-m", "bigbatch",
-               "train", *CLI_ARGS, "--out", str(run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    agent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    first = subprocess.Popen(_torchrun(*CLI_ARGS, "--out", str(run_dir)), env=_ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while not ((run_dir / "checkpoints" / "last.pt").exists()
                    and read_rows(run_dir / "metrics.csv")):
-            if agent.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint to interrupt: {agent.communicate()[1][-2000:]}")
+            if first.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint to interrupt: {first.communicate()[1][-2000:]}")
             time.sleep(0.01)
-        victim = _worker_with_rank(agent.pid, 1)
-        assert victim is not None, "rank 1's process not found"
-        os.kill(victim, signal.SIGKILL)
-        killed_at = len(read_rows(run_dir / "metrics.csv"))
-        out, err = agent.communicate(timeout=150)
     finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.communicate()
-    return {"run_dir": run_dir, "returncode": agent.returncode, "stdout": out, "stderr": err,
-            "killed_at": killed_at}
+        # torchrun's workers may live in their own sessions: kill them by pid, then the agent.
+        for pid in _children(first.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    killed_at = len(read_rows(run_dir / "metrics.csv"))
+    second = subprocess.run(_torchrun("--resume", str(run_dir)), env=_ENV, capture_output=True,
+                            text=True, timeout=150)
+    return {"run_dir": run_dir, "returncode": second.returncode, "stdout": second.stdout,
+            "stderr": second.stderr, "killed_at": killed_at}
 
 
-def test_elastic_restart_resumes_to_the_same_metrics(elastic_run, ddp_run):
-    assert elastic_run["returncode"] == 0, elastic_run["stderr"][-3000:]
-    run_dir = elastic_run["run_dir"]
-    assert elastic_run["killed_at"] < len(EVAL_UPDATES)  # really interrupted mid-run
-    assert "resumed" in elastic_run["stderr"]  # the restarted processes continued from last.pt
+def test_a_killed_two_process_job_resumes_to_the_same_metrics(resumed_run, ddp_run):
+    assert resumed_run["returncode"] == 0, resumed_run["stderr"][-3000:]
+    run_dir = resumed_run["run_dir"]
+    assert resumed_run["killed_at"] < len(EVAL_UPDATES)  # really interrupted mid-run
+    assert "resumed" in resumed_run["stderr"]  # both processes continued from last.pt
     rows = read_rows(run_dir / "metrics.csv")
     expected = read_rows(ddp_run / "run" / "metrics.csv")
     assert [r["updates"] for r in rows] == EVAL_UPDATES
     assert _without_timing(rows) == _without_timing(expected)  # bit for bit
     assert read_rows(run_dir / "metrics.jsonl") == rows
     # Only rank 0 printed the result, once; the checkpoint names the job it belongs to.
-    assert elastic_run["stdout"].count("final val error") == 1
+    assert resumed_run["stdout"].count("final val error") == 1
     assert _last_state(run_dir)["elastic_job_id"]
     assert not list(run_dir.glob(".bigbatch-write-test*"))
 
 
-def test_elastic_restart_refuses_a_run_that_another_job_started(elastic_run, tmp_path,
-                                                                monkeypatch):
+def _interrupted_copy(resumed_run, tmp_path) -> tuple[Path, str]:
+    """The finished 2-process run, rolled back to look interrupted (summary removed)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(elastic_run["run_dir"], run_dir)
+    shutil.copytree(resumed_run["run_dir"], run_dir)
+    (run_dir / "summary.json").unlink()
+    return run_dir, _last_state(run_dir)["elastic_job_id"]
+
+
+def test_an_elastic_restart_of_the_same_job_resumes_by_itself(resumed_run, tmp_path,
+                                                              monkeypatch, caplog):
+    run_dir, job_id = _interrupted_copy(resumed_run, tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", job_id)
+    caplog.set_level("INFO", logger="bigbatch")
+    summary = train(RunConfig(**CONFIG), run_dir)  # no resume=True: the restart implies it
+    assert summary["status"] == "complete"
+    assert any("resumed" in r.getMessage() for r in caplog.records)
+
+
+def test_elastic_restart_refuses_a_run_that_another_job_started(resumed_run, tmp_path,
+                                                                monkeypatch):
+    run_dir, _ = _interrupted_copy(resumed_run, tmp_path)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-job")
     with pytest.raises(ConfigError, match="holds a run that this job did not start; continue it "
