@@ -19,11 +19,9 @@ every non-DataError failure; exits 1 if there was one. Results go to benchmarks/
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 import traceback
@@ -35,7 +33,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from datafiles import cifar_member_files, cifar_pickle_bytes, idx_bytes  # noqa: E402
+from datafiles import (  # noqa: E402
+    cifar_member_files,
+    cifar_pickle_bytes,
+    idx_bytes,
+    tar_gz_bytes,
+)
 
 from bigbatch.data.cifar import (  # noqa: E402
     CIFAR_FORMATS,
@@ -71,16 +74,6 @@ def _mutations(seed: bytes) -> st.SearchStrategy[bytes]:
         st.builds(_mutate, st.just(seed), edits, st.none() | st.integers(0, 10**6),
                   st.binary(max_size=8)),  # fmt: skip
     )
-
-
-def _tar_gz(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 # -- targets: each returns normally or raises DataError; the checks assert consistency --------
@@ -122,7 +115,7 @@ def _strategies():
     """(name, strategy, target) per reader: mutated content wrapped, and mutated wrappers."""
     good_gz = gzip.compress(_GOOD_IDX, mtime=0)
     tar_members = st.builds(
-        lambda member: _tar_gz({**_CIFAR_FILES, _TEST_MEMBER: member}),
+        lambda member: tar_gz_bytes({**_CIFAR_FILES, _TEST_MEMBER: member}),
         _mutations(_CIFAR_FILES[_TEST_MEMBER]),
     )
     return [
@@ -132,7 +125,7 @@ def _strategies():
         ("cifar pickle", _mutations(_GOOD_PICKLE), cifar_pickle),
         ("cifar binary", _mutations(_GOOD_BINARY), cifar_binary),
         ("cifar tar.gz(mutated member)", tar_members, "cifar_archive"),
-        ("cifar mutated tar.gz", _mutations(_tar_gz(_CIFAR_FILES)), "cifar_archive"),
+        ("cifar mutated tar.gz", _mutations(tar_gz_bytes(_CIFAR_FILES)), "cifar_archive"),
     ]
 
 

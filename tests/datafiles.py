@@ -185,6 +185,17 @@ def write_cifar(
     return arrays
 
 
+def tar_gz_bytes(files: dict[str, bytes]) -> bytes:
+    """An in-memory .tar.gz holding ``files`` (name -> content), regular members only."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def write_tar_gz(path: Path, files: dict[str, bytes]) -> Path:
     """A ``.tar.gz`` of ``files`` ({member name: bytes}) with a directory entry per folder."""
     path = Path(path)

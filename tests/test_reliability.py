@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
-from datafiles import cifar_member_files, idx_bytes, write_cifar, write_mnist
+from datafiles import cifar_member_files, idx_bytes, tar_gz_bytes, write_cifar, write_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -395,23 +395,13 @@ _MEMBERS, _ = cifar_member_files(10, "python", per_file=1)
 _TEST = "cifar-10-batches-py/test_batch"
 
 
-def _tar_gz(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-_GOOD_TAR = _tar_gz(_MEMBERS)
+_GOOD_TAR = tar_gz_bytes(_MEMBERS)
 
 
 @settings(max_examples=40)
 @given(
     st.one_of(
-        st.builds(lambda m: _tar_gz({**_MEMBERS, _TEST: m}),
+        st.builds(lambda m: tar_gz_bytes({**_MEMBERS, _TEST: m}),
                   st.builds(_mutate, st.just(_MEMBERS[_TEST]), _edits, st.integers(0, 10**6))),
         st.builds(_mutate, st.just(_GOOD_TAR), _edits, st.integers(0, 10**6)),
     )
