@@ -326,3 +326,25 @@ def test_module_docstring_example_is_true():
 
     result = doctest.testmod(reproduce, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_cli_passes_data_dir_download_and_progress_to_every_run(mini, tmp_path, monkeypatch,
+                                                                 capsys):
+    from bigbatch.cli import main
+
+    seen = []
+    real = reproduce._train
+
+    def recording(config, run_dir, *, resume):
+        seen.append((config.data_dir, config.download, config.progress))
+        return real(config, run_dir, resume=resume)
+
+    monkeypatch.setattr(reproduce, "_train", recording)
+    data_dir = tmp_path / "datasets"
+    data_dir.mkdir()
+    code = main(["-q", "reproduce", "--preset", str(mini), "--out", str(tmp_path / "grid"),
+                 "--seeds", "1", "--arms", "SB", "LB", "--device", "cpu",
+                 "--data-dir", str(data_dir), "--no-download", "--progress", "none"])  # fmt: skip
+    assert code == 0
+    assert seen == [(str(data_dir), False, "none")] * 2
+    assert f"grid: {tmp_path / 'grid'}" in capsys.readouterr().out

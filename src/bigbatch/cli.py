@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA)")
     p.add_argument("--epochs", type=float, metavar="E", help="override the base regime's epochs")
     p.add_argument("--batch-size", type=int, metavar="B", help="override the large batch size")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="dataset directory for every run (default: the dataset's own)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
+                   help="download the dataset into --data-dir if missing (SHA-256 verified)")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="progress display of each run")
     p.set_defaults(handler=_cmd_reproduce)
 
     p = sub.add_parser("report", help="write the report of a grid directory",
@@ -430,9 +436,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:
         overrides["large_batch_size"] = args.batch_size
+    if args.data_dir is not None:
+        overrides["data_dir"] = str(args.data_dir)
+    if args.download is not None:
+        overrides["download"] = args.download
     out = args.out if args.out is not None else Path("runs") / Path(args.preset).stem
     grid_dir = run_grid(args.preset, out, seeds=args.seeds, arms=args.arms, device=args.device,
-                        overrides=overrides or None)
+                        overrides=overrides or None, progress=args.progress)
     if _launcher_rank() == 0:
         print(f"grid: {grid_dir}")
     return 0
