@@ -11,7 +11,6 @@ Run: python benchmarks/ghost_bn.py [--repeats 15]. Results are recorded in bench
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from bigbatch.layers import GhostBatchNorm1d, GhostBatchNorm2d
+from bigbatch.machine import cpu_name
 
 CASES = [  # (label, input shape, ghost size)
     ("1d 4096x512", (4096, 512), 128),
@@ -36,17 +36,6 @@ class ChunkLoop(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.bn(chunk) for chunk in x.split(self.ghost_batch_size)])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _step(layer, x, grad_out, sync):
@@ -112,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"CPU: {_cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     header = (
         "| device | input | ghost | BatchNorm ms | chunk loop ms | GhostBatchNorm ms | "
         "ghost / BN | ghost / chunk |"

@@ -26,22 +26,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from bigbatch.data import InMemoryLoader
+from bigbatch.machine import cpu_name
 
 # Threads: argv[1] (default 2). On a machine whose cores are busy with other work, use 1: torch's
 # OpenMP workers spin-wait for each other and parallel ops on small tensors slow down ~50x.
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _collate_augment(batch):
@@ -134,7 +124,7 @@ def main() -> None:
     images = torch.randint(0, 256, (50000, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (50000,), generator=g)
     print(
-        f"# machine: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"# machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
     )
     print("| batch | in-memory pipeline (samples/s) | DataLoader, per-sample aug | ratio |")

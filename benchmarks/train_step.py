@@ -17,7 +17,6 @@ Results, with the machine they came from: benchmarks/RESULTS.md, section "Traini
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from bigbatch import models
 from bigbatch.layers import convert_ghost_batchnorm
+from bigbatch.machine import cpu_name
 
 GHOST = 128
 CASES = [  # (model, options, batch, (channels, size), repeats on CPU)
@@ -98,7 +98,7 @@ def main() -> None:
         devices = [d for d in devices if d != "cuda"]
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-    print(f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
+    print(f"torch {torch.__version__}, {cpu_name()}, "
           f"{torch.get_num_threads()} threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print(f"{'device':<7}{'model':<10}{'batch':>6}  {'one pass':>12}  {'official':>12}  speed-up")

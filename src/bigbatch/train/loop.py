@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import platform
 import subprocess
 import time
 from collections.abc import Iterable
@@ -47,6 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bigbatch
 from bigbatch.errors import BigBatchError, ConfigError, DivergenceError
+from bigbatch.machine import cpu_name
 from bigbatch.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -899,7 +899,7 @@ class _Run:
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device)
             if self.device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            else cpu_name(),
             "world_size": self.ctx.world_size,
             "torch_version": torch.__version__,
             "bigbatch_version": bigbatch.__version__,
