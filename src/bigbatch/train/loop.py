@@ -13,6 +13,10 @@ What one run does, in order:
 4. the weight distance also at log-spaced updates into ``diffusion.csv``/``.jsonl``;
 5. ``summary.json`` with ``status = "complete"``.
 
+This module is the loop; the run directory (resume checks, config.toml, what a checkpoint and
+the summary hold) is :mod:`bigbatch.train.rundir`, evaluation :mod:`bigbatch.train.evaluation`,
+and the model and the set-up checks :mod:`bigbatch.train.build`.
+
 Resume (``train(config, run_dir, resume=True)``) restores the model, optimizer, weight-distance
 origin, RNG states and counters from ``last.pt`` and continues mid-epoch: the loaders are
 deterministic in ``(seed, epoch, step)``, so a resumed run writes the same metrics as an
@@ -33,47 +37,29 @@ import contextlib
 import dataclasses
 import logging
 import math
-import subprocess
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-import bigbatch
-from bigbatch.errors import BigBatchError, ConfigError, DivergenceError
-from bigbatch.machine import cpu_name
-from bigbatch.train.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    checkpoint_bytes,
-    load_checkpoint,
-    save_checkpoint,
-)
-from bigbatch.train.config import RESOLVED_KEY, RunConfig, base_regime_dict, resolve_regime
-from bigbatch.train.metrics import MetricsLogger, read_rows, truncate_rows
+from bigbatch.errors import DivergenceError
+from bigbatch.train import rundir
+from bigbatch.train.build import _autocast, _check_batch_split, _uses_conv, build_model
+from bigbatch.train.config import RunConfig, base_regime_dict, resolve_regime
+from bigbatch.train.evaluation import _evaluation_sums, _val_row, evaluate
+from bigbatch.train.metrics import MetricsLogger
 from bigbatch.train.progress import Progress, resolve_progress_mode
+
+# CHECKPOINT_FORMAT and _RESUME_FREE_KEYS (which the CLI imports) stay importable from here.
+from bigbatch.train.rundir import _RESUME_FREE_KEYS, CHECKPOINT_FORMAT, _Counters  # noqa: F401
 
 __all__ = ["StepResult", "build_model", "evaluate", "forward_backward", "train"]
 
 log = logging.getLogger("bigbatch.train")
 
-CHECKPOINT_FORMAT = "bigbatch-checkpoint-v1"
-# Config keys that may differ between a run and its resume: they do not change what is computed
-# (device aside, which the user changes knowingly, e.g. to finish a GPU run on another machine).
-_RESUME_FREE_KEYS = {
-    "device",
-    "progress",
-    "num_workers",
-    "data_dir",
-    "download",
-    "checkpoint_every_minutes",
-    "eval_batch_size",
-}
 _DIFFUSION_CSV_FIELDS = ["updates", "epoch", "lr", "weight_distance"]
 
 
@@ -84,23 +70,6 @@ class StepResult:
     loss_sum: torch.Tensor  # sum of per-sample losses (detached)
     correct: torch.Tensor  # number of top-1 hits
     num_samples: int
-
-
-@dataclasses.dataclass
-class _Counters:
-    """Everything besides tensors that a checkpoint needs to continue exactly where it stopped."""
-
-    updates: int = 0
-    samples: int = 0
-    skipped_steps: int = 0
-    best_val_error_pct: float = math.inf
-    wall_time_s: float = 0.0
-    # train averages since the last evaluation
-    train_loss_sum: float = 0.0
-    train_correct: float = 0.0
-    train_samples: int = 0
-    interval_train_time_s: float = 0.0
-    interval_samples: int = 0
 
 
 # -- one step -------------------------------------------------------------------------------------
@@ -170,185 +139,9 @@ def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
 
 
-# -- evaluation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    num_classes: int,
-    autocast: contextlib.AbstractContextManager | None = None,
-    channels_last: bool = False,
-) -> dict[str, float]:
-    """Validation loss and top-1 (and top-5 when ``num_classes > 5``) error in percent.
-
-    Puts the model in eval mode (batch norm uses its running statistics) and restores train mode.
-    """
-    return _val_row(
-        _evaluation_sums(
-            model, batches, num_classes=num_classes, autocast=autocast, channels_last=channels_last
-        ),
-        num_classes,
-    )
-
-
-@torch.no_grad()
-def _evaluation_sums(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    num_classes: int,
-    autocast: contextlib.AbstractContextManager | None = None,
-    channels_last: bool = False,
-) -> dict[str, float | int]:
-    """Loss sum, top-1/top-5 hits and sample count over ``batches`` (this process's shard under
-    DDP: sums add up over processes, averages would not)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = correct1 = correct5 = 0.0
-    n = 0
-    try:
-        for x, y in batches:
-            if y.numel() == 0:
-                continue  # a shard of a last batch smaller than the number of processes
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast or contextlib.nullcontext():
-                out = model(x)
-            out = out.float()
-            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-            top = out.topk(min(5, num_classes), dim=1).indices
-            hits = top == y[:, None]
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
-            n += y.numel()
-    finally:
-        model.train(was_training)
-    return {
-        "val_loss_sum": loss_sum,
-        "val_correct1": correct1,
-        "val_correct5": correct5,
-        "val_samples": n,
-    }
-
-
-def _val_row(sums: dict[str, float | int], num_classes: int) -> dict[str, float]:
-    n = sums["val_samples"]
-    if n == 0:
-        raise ConfigError("the validation set is empty")
-    row = {
-        "val_loss": sums["val_loss_sum"] / n,
-        "val_error_pct": 100.0 * (1 - sums["val_correct1"] / n),
-    }
-    if num_classes > 5:
-        row["val_top5_error_pct"] = 100.0 * (1 - sums["val_correct5"] / n)
-    return row
-
-
-# -- set-up helpers -------------------------------------------------------------------------------
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
-
-
-def _check_normalisation_groups(config: RunConfig, batch_sizes: set[int], has_bn: bool) -> None:
-    """Refuse, before training, a batch split that leaves batch norm a group of 1 sample."""
-    if not has_bn:
-        return
-    splits = [s for s in (config.ghost_batch_size, config.micro_batch_size) if s]
-    if not splits:
-        return  # one BN group per batch; the loader never yields a batch of 1
-    group = min(splits)
-    for size in sorted(batch_sizes):
-        if size % group == 1:
-            what = "ghost batch" if config.ghost_batch_size == group else "micro-batch"
-            raise ConfigError(
-                f"a batch of {size} samples split into {what}es of {group} leaves a last {what} "
-                f"of 1 sample, which batch norm cannot normalise; choose a {what} size "
-                f"that leaves a remainder other than 1 (or change --train-subset/--batch-size)"
-            )
-
-
-def _shard_sizes(batch_sizes: set[int], world_size: int) -> set[int]:
-    """The per-process slice sizes of these global batches (the loader's ``shard`` split)."""
-    from bigbatch.data.pipeline import shard_bounds
-
-    sizes = set()
-    for size in batch_sizes:
-        for rank in range(world_size):
-            start, stop = shard_bounds(size, (rank, world_size))
-            if stop == start:
-                raise ConfigError(
-                    f"a batch of {size} samples (the last of an epoch) leaves process {rank} of "
-                    f"{world_size} without samples; change --batch-size or --train-subset so that "
-                    f"the last batch has at least {world_size} samples"
-                )
-            sizes.add(stop - start)
-    return sizes
-
-
-def _autocast(config: RunConfig, device: torch.device):
-    if config.amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return None
-
-
-def _uses_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
+# -- checks ---------------------------------------------------------------------------------------
 def _finite_params(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def build_model(config: RunConfig, info: Any) -> nn.Module:
-    """The run's model: ``models.create`` for the dataset's shape, then ghost batch norm if asked.
-
-    Args:
-        config: uses ``model``, ``model_options`` and ``ghost_batch_size``.
-        info: the dataset's ``DatasetInfo`` (``num_classes``, ``in_channels``, ``image_size``).
-    """
-    from bigbatch import models
-
-    model = models.create(
-        config.model,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
-        **config.model_options,
-    )
-    if config.ghost_batch_size is not None:
-        from bigbatch.layers import convert_ghost_batchnorm
-
-        model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
-    return model
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -414,7 +207,7 @@ class _Run:
         self.run_dir = run_dir
         # The model's default regime is written out explicitly: config.toml alone rebuilds the run.
         self.config = config = config.replace(regime=base_regime_dict(config))
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir = run_dir / rundir.CHECKPOINT_DIR
         # The global batch splits over the processes (checked before any file is touched).
         self.per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
         if ctx.enabled:
@@ -453,18 +246,9 @@ class _Run:
         self.num_updates = max(1, math.floor(exact + 0.5 + 1e-9 * max(1.0, exact)))
 
         model = build_model(config, self.info)
-        # Batch sizes of an epoch (the last one is partial); under DDP the per-process slices.
-        sizes = _shard_sizes(
-            {int(ix.numel()) for ix in self.train_loader.batch_indices(0)}, ctx.world_size
-        )
-        _check_normalisation_groups(config, sizes, _has_batchnorm(model))
-        if config.micro_batch_size and _has_batchnorm(model) and config.ghost_batch_size is None:
-            log.warning(
-                "micro_batch_size=%d with plain batch norm: statistics are per micro-batch "
-                "(as ghost batch norm with ghost size %d would), not over the whole batch",
-                config.micro_batch_size,
-                config.micro_batch_size,
-            )
+        # Batch sizes of an epoch (the last one is partial).
+        sizes = {int(ix.numel()) for ix in self.train_loader.batch_indices(0)}
+        _check_batch_split(config, model, sizes, ctx.world_size)
         self.channels_last = config.channels_last is True or (
             config.channels_last == "auto" and device.type == "cuda" and _uses_conv(model)
         )
@@ -488,77 +272,26 @@ class _Run:
 
     # -- run directory, resume --------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool, auto_resume: bool) -> dict | None:
-        """Rank 0 checks the run directory and loads the checkpoint; every process gets its verdict.
-
-        Under DDP the other processes never read the directory themselves: they could see it in
-        another state (rank 0 creating it) or not at all (a node-local disk), and every process
-        must resume from the same checkpoint or fail with the same error.
-        """
-        outcome: dict | None | BigBatchError = None
-        if self.is_main:
-            try:
-                outcome = self._prepare_run_dir_main(resume, auto_resume)
-            except BigBatchError as error:
-                outcome = error
-        outcome = self.dist.broadcast_object(outcome, self.ctx)
-        if isinstance(outcome, BigBatchError):
-            raise outcome
-        return outcome
-
-    def _prepare_run_dir_main(self, resume: bool, auto_resume: bool) -> dict | None:
-        last = self.ckpt_dir / "last.pt"
-        if not resume:
-            if last.exists() or (self.run_dir / "metrics.csv").exists():
-                raise ConfigError(
-                    f"run directory {str(self.run_dir)!r} already holds a run; continue it with "
-                    f"`bigbatch train --resume {self.run_dir}` or choose another --out"
-                )
-        elif last.exists():
-            state = load_checkpoint(last, map_location="cpu")
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise ConfigError(f"{last} is not a {CHECKPOINT_FORMAT} checkpoint")
-            job = self.dist.elastic_job_id()
-            if auto_resume and state.get("elastic_job_id") != job:
-                raise ConfigError(
-                    f"torchrun restarted this job (TORCHELASTIC_RESTART_COUNT > 0) but "
-                    f"{str(self.run_dir)!r} holds a run that this job did not start; continue "
-                    f"it with `bigbatch train --resume {self.run_dir}` or choose another --out"
-                )
-            saved = RunConfig.from_dict(state["config"]).to_dict()
-            now = self.config.to_dict()
-            changed = [k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k]]
-            if changed:
-                k = changed[0]
-                raise ConfigError(
-                    f"cannot resume {str(self.run_dir)!r} with a different config: {k} was "
-                    f"{saved.get(k)!r}, now {now[k]!r} (resume reads RUN_DIR/config.toml; start a "
-                    "new run to change it)"
-                )
-            return state
-        else:
-            log.info("no checkpoint in %s yet: starting the run from the beginning", self.run_dir)
-            for name in ("metrics", "diffusion"):
-                for suffix in (".csv", ".jsonl"):
-                    (self.run_dir / f"{name}{suffix}").unlink(missing_ok=True)
-        if self.is_main:
-            try:
-                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot create run directory {str(self.run_dir)!r}: {e.strerror or e}"
-                ) from None
-        return None
+        """The checkpoint to resume from, or ``None`` (see :func:`rundir.prepare_run_dir`)."""
+        return rundir.prepare_run_dir(
+            self.run_dir,
+            self.config,
+            resume=resume,
+            auto_resume=auto_resume,
+            dist=self.dist,
+            ctx=self.ctx,
+        )
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.weight_distance.load_state_dict(state["weight_distance"])
-        _set_rng_state(state["rng"], self.device)
-        self.counters = _Counters(**state["counters"])
+        self.counters = rundir.restore_state(
+            state,
+            model=self.model,
+            optimizer=self.optimizer,
+            weight_distance=self.weight_distance,
+            device=self.device,
+        )
         if self.is_main:
-            for name in ("metrics", "diffusion"):
-                for suffix in (".csv", ".jsonl"):
-                    truncate_rows(self.run_dir / f"{name}{suffix}", self.counters.updates)
+            rundir.truncate_outputs(self.run_dir, self.counters.updates)
         log.info(
             "resumed %s at update %d of %d", self.run_dir, self.counters.updates, self.num_updates
         )
@@ -574,27 +307,7 @@ class _Run:
             "world_size": self.ctx.world_size,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         }
-        atomic_write_text(
-            self.run_dir / "config.toml", self.config.to_toml(extra={RESOLVED_KEY: resolved})
-        )
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "weight_distance": self.weight_distance.state_dict(),
-            "rng": _rng_state(self.device),
-            "epoch": self.counters.updates // self.updates_per_epoch,
-            "step_in_epoch": self.counters.updates % self.updates_per_epoch,
-            "updates": self.counters.updates,
-            "num_updates": self.num_updates,
-            "counters": dataclasses.asdict(self.counters),
-            "config": self.config.to_dict(),
-            "bigbatch_version": bigbatch.__version__,
-            "world_size": self.ctx.world_size,
-            "elastic_job_id": self.dist.elastic_job_id(),
-        }
+        rundir.write_config(self.run_dir, self.config, resolved)
 
     def _save(self, *, best: bool) -> None:
         # Every process calls this at the same update: the running statistics are averaged over
@@ -611,10 +324,19 @@ class _Run:
         self.started = time.perf_counter()
         if not self.is_main:
             return
-        data = checkpoint_bytes(self._checkpoint_state())
-        save_checkpoint(self.ckpt_dir / "last.pt", data)
-        if best:
-            save_checkpoint(self.ckpt_dir / "best.pt", data)
+        state = rundir.checkpoint_state(
+            model=self.model,
+            optimizer=self.optimizer,
+            weight_distance=self.weight_distance,
+            device=self.device,
+            counters=self.counters,
+            updates_per_epoch=self.updates_per_epoch,
+            num_updates=self.num_updates,
+            config=self.config,
+            world_size=self.ctx.world_size,
+            elastic_job_id=self.dist.elastic_job_id(),
+        )
+        rundir.write_checkpoint(self.run_dir, state, best=best)
         self.last_checkpoint_time = time.perf_counter()
 
     def _wall_time(self) -> float:
@@ -703,9 +425,8 @@ class _Run:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         config, c = self.config, self.counters
-        summary_path = self.run_dir / "summary.json"
         if self.start_state is not None:
-            done = _read_json(summary_path) if self.is_main and summary_path.exists() else {}
+            done = rundir.read_summary(self.run_dir) if self.is_main else {}
             done = self.dist.broadcast_object(done, self.ctx)
             if done.get("status") == "complete":
                 log.info("%s is already complete", self.run_dir)
@@ -813,7 +534,7 @@ class _Run:
                     writer.close()
         summary = self._summary(row)
         if self.is_main:
-            atomic_write_json(summary_path, summary)
+            rundir.write_summary(self.run_dir, summary)
         return summary
 
     def _apply(self, settings: dict[str, Any]) -> None:
@@ -857,54 +578,21 @@ class _Run:
 
     def _write_failed_summary(self, message: str) -> None:
         if self.is_main:
-            atomic_write_json(
-                self.run_dir / "summary.json",
-                {
-                    "status": "diverged",
-                    "message": message,
-                    "updates": self.counters.updates,
-                    "seed": self.config.seed,
-                    "model": self.config.model,
-                    "dataset": self.config.dataset,
-                },
+            rundir.write_failed_summary(
+                self.run_dir, self.config, self.counters.updates, message
             )
 
     def _summary(self, row: dict[str, Any]) -> dict[str, Any]:
-        c, cfg = self.counters, self.config
-        rows = read_rows(self.run_dir / "metrics.jsonl") if self.is_main else []
-        last = rows[-1] if rows else row  # the final evaluation, also when resumed at the end
-        train_time = c.wall_time_s
-        return {
-            "status": "complete",
-            "seed": cfg.seed,
-            "model": cfg.model,
-            "dataset": cfg.dataset,
-            "batch_size": cfg.batch_size,
-            "base_batch_size": cfg.base_batch_size,
-            "ghost_batch_size": cfg.ghost_batch_size,
-            "micro_batch_size": cfg.micro_batch_size,
-            "lr_scaling": cfg.lr_scaling,
-            "regime_adaptation": cfg.regime_adaptation,
-            "epochs": self.regime.epochs,
-            "updates": c.updates,
-            "samples": c.samples,
-            "skipped_steps": c.skipped_steps,
-            "final_val_error_pct": last.get("val_error_pct"),
-            "final_val_top5_error_pct": last.get("val_top5_error_pct"),
-            "best_val_error_pct": c.best_val_error_pct,
-            "final_train_error_pct": last.get("train_error_pct"),
-            "final_weight_distance": last.get("weight_distance"),
-            "wall_time_s": train_time,
-            "samples_per_s": c.samples / train_time if train_time > 0 else None,
-            "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
-            else cpu_name(),
-            "world_size": self.ctx.world_size,
-            "torch_version": torch.__version__,
-            "bigbatch_version": bigbatch.__version__,
-            "git_commit": _git_commit(),
-        }
+        return rundir.summary(
+            run_dir=self.run_dir,
+            config=self.config,
+            counters=self.counters,
+            epochs=self.regime.epochs,
+            row=row,
+            device=self.device,
+            world_size=self.ctx.world_size,
+            is_main=self.is_main,
+        )
 
 
 _DIVERGENCE_HINT = (
@@ -913,11 +601,3 @@ _DIVERGENCE_HINT = (
     "clipping (--clip), or --on-nonfinite skip to skip such updates."
 )
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}

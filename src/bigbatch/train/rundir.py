@@ -1,0 +1,317 @@
+"""The run directory: prepare or resume it, write config.toml, checkpoint state and summary.json.
+
+A run directory holds ``config.toml`` (the resolved config: rebuilds the run alone),
+``metrics.csv``/``.jsonl``, ``diffusion.csv``/``.jsonl``, ``checkpoints/last.pt`` and ``best.pt``,
+and ``summary.json``. Only rank 0 reads or writes it; under DDP the other processes get rank 0's
+verdict (:func:`prepare_run_dir`). The training loop (``bigbatch.train.loop``) decides *when* to
+save; this module decides *what* a checkpoint and a summary hold.
+
+Example:
+    >>> c = _Counters(updates=3)
+    >>> c.updates, c.best_val_error_pct
+    (3, inf)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import bigbatch
+from bigbatch.errors import BigBatchError, ConfigError
+from bigbatch.machine import cpu_name
+from bigbatch.train.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bigbatch.train.config import RESOLVED_KEY, RunConfig
+from bigbatch.train.metrics import read_rows, truncate_rows
+
+log = logging.getLogger("bigbatch.train")
+
+CHECKPOINT_FORMAT = "bigbatch-checkpoint-v1"
+CHECKPOINT_DIR = "checkpoints"
+# Config keys that may differ between a run and its resume: they do not change what is computed
+# (device aside, which the user changes knowingly, e.g. to finish a GPU run on another machine).
+_RESUME_FREE_KEYS = {
+    "device",
+    "progress",
+    "num_workers",
+    "data_dir",
+    "download",
+    "checkpoint_every_minutes",
+    "eval_batch_size",
+}
+_OUTPUTS = [f"{name}{suffix}" for name in ("metrics", "diffusion") for suffix in (".csv", ".jsonl")]
+
+
+@dataclasses.dataclass
+class _Counters:
+    """Everything besides tensors that a checkpoint needs to continue exactly where it stopped."""
+
+    updates: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    best_val_error_pct: float = math.inf
+    wall_time_s: float = 0.0
+    # train averages since the last evaluation
+    train_loss_sum: float = 0.0
+    train_correct: float = 0.0
+    train_samples: int = 0
+    interval_train_time_s: float = 0.0
+    interval_samples: int = 0
+
+
+# -- prepare, resume ------------------------------------------------------------------------------
+def prepare_run_dir(
+    run_dir: Path, config: RunConfig, *, resume: bool, auto_resume: bool, dist: Any, ctx: Any
+) -> dict | None:
+    """Rank 0 checks the run directory and loads the checkpoint; every process gets its verdict.
+
+    Under DDP the other processes never read the directory themselves: they could see it in
+    another state (rank 0 creating it) or not at all (a node-local disk), and every process
+    must resume from the same checkpoint or fail with the same error.
+
+    Returns:
+        The checkpoint to resume from, or ``None`` to start from the beginning.
+    """
+    outcome: dict | None | BigBatchError = None
+    if ctx.is_main:
+        try:
+            outcome = _prepare_run_dir_main(run_dir, config, resume, auto_resume, dist)
+        except BigBatchError as error:
+            outcome = error
+    outcome = dist.broadcast_object(outcome, ctx)
+    if isinstance(outcome, BigBatchError):
+        raise outcome
+    return outcome
+
+
+def _prepare_run_dir_main(
+    run_dir: Path, config: RunConfig, resume: bool, auto_resume: bool, dist: Any
+) -> dict | None:
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    last = ckpt_dir / "last.pt"
+    if not resume:
+        if last.exists() or (run_dir / "metrics.csv").exists():
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} already holds a run; continue it with "
+                f"`bigbatch train --resume {run_dir}` or choose another --out"
+            )
+    elif last.exists():
+        state = load_checkpoint(last, map_location="cpu")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{last} is not a {CHECKPOINT_FORMAT} checkpoint")
+        job = dist.elastic_job_id()
+        if auto_resume and state.get("elastic_job_id") != job:
+            raise ConfigError(
+                f"torchrun restarted this job (TORCHELASTIC_RESTART_COUNT > 0) but "
+                f"{str(run_dir)!r} holds a run that this job did not start; continue "
+                f"it with `bigbatch train --resume {run_dir}` or choose another --out"
+            )
+        saved = RunConfig.from_dict(state["config"]).to_dict()
+        now = config.to_dict()
+        changed = [k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k]]
+        if changed:
+            k = changed[0]
+            raise ConfigError(
+                f"cannot resume {str(run_dir)!r} with a different config: {k} was "
+                f"{saved.get(k)!r}, now {now[k]!r} (resume reads RUN_DIR/config.toml; start a "
+                "new run to change it)"
+            )
+        return state
+    else:
+        log.info("no checkpoint in %s yet: starting the run from the beginning", run_dir)
+        for name in _OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create run directory {str(run_dir)!r}: {e.strerror or e}"
+        ) from None
+    return None
+
+
+def restore_state(
+    state: dict, *, model: nn.Module, optimizer: Any, weight_distance: Any, device: torch.device
+) -> _Counters:
+    """Load a checkpoint's model, optimizer, weight-distance origin and RNG; return its counters."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    weight_distance.load_state_dict(state["weight_distance"])
+    _set_rng_state(state["rng"], device)
+    return _Counters(**state["counters"])
+
+
+def truncate_outputs(run_dir: Path, updates: int) -> None:
+    """Drop the metrics/diffusion rows written after ``updates`` (a resume writes them again)."""
+    for name in _OUTPUTS:
+        truncate_rows(run_dir / name, updates)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``summary.json``, or ``{}`` when there is none (or it cannot be read)."""
+    path = run_dir / "summary.json"
+    return _read_json(path) if path.exists() else {}
+
+
+# -- writing --------------------------------------------------------------------------------------
+def write_config(run_dir: Path, config: RunConfig, resolved: dict[str, Any]) -> None:
+    """``config.toml``: the config plus what was resolved from it (regimes, counts, device)."""
+    atomic_write_text(run_dir / "config.toml", config.to_toml(extra={RESOLVED_KEY: resolved}))
+
+
+def checkpoint_state(
+    *,
+    model: nn.Module,
+    optimizer: Any,
+    weight_distance: Any,
+    device: torch.device,
+    counters: _Counters,
+    updates_per_epoch: int,
+    num_updates: int,
+    config: RunConfig,
+    world_size: int,
+    elastic_job_id: Any,
+) -> dict[str, Any]:
+    """The checkpoint: a plain dict, so that ``torch.load(weights_only=True)`` accepts it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "weight_distance": weight_distance.state_dict(),
+        "rng": _rng_state(device),
+        "epoch": counters.updates // updates_per_epoch,
+        "step_in_epoch": counters.updates % updates_per_epoch,
+        "updates": counters.updates,
+        "num_updates": num_updates,
+        "counters": dataclasses.asdict(counters),
+        "config": config.to_dict(),
+        "bigbatch_version": bigbatch.__version__,
+        "world_size": world_size,
+        "elastic_job_id": elastic_job_id,
+    }
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool) -> None:
+    """``checkpoints/last.pt`` (and ``best.pt``), serialised once."""
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    data = checkpoint_bytes(state)
+    save_checkpoint(ckpt_dir / "last.pt", data)
+    if best:
+        save_checkpoint(ckpt_dir / "best.pt", data)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json`` of a complete run (see :func:`summary`)."""
+    atomic_write_json(run_dir / "summary.json", summary)
+
+
+def write_failed_summary(run_dir: Path, config: RunConfig, updates: int, message: str) -> None:
+    """``summary.json`` with ``status = "diverged"``."""
+    atomic_write_json(
+        run_dir / "summary.json",
+        {
+            "status": "diverged",
+            "message": message,
+            "updates": updates,
+            "seed": config.seed,
+            "model": config.model,
+            "dataset": config.dataset,
+        },
+    )
+
+
+def summary(
+    *,
+    run_dir: Path,
+    config: RunConfig,
+    counters: _Counters,
+    epochs: float,
+    row: dict[str, Any],
+    device: torch.device,
+    world_size: int,
+    is_main: bool,
+) -> dict[str, Any]:
+    """The complete run's summary: final and best errors, speed, and the evidence beside them."""
+    c, cfg = counters, config
+    rows = read_rows(run_dir / "metrics.jsonl") if is_main else []
+    last = rows[-1] if rows else row  # the final evaluation, also when resumed at the end
+    train_time = c.wall_time_s
+    return {
+        "status": "complete",
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "batch_size": cfg.batch_size,
+        "base_batch_size": cfg.base_batch_size,
+        "ghost_batch_size": cfg.ghost_batch_size,
+        "micro_batch_size": cfg.micro_batch_size,
+        "lr_scaling": cfg.lr_scaling,
+        "regime_adaptation": cfg.regime_adaptation,
+        "epochs": epochs,
+        "updates": c.updates,
+        "samples": c.samples,
+        "skipped_steps": c.skipped_steps,
+        "final_val_error_pct": last.get("val_error_pct"),
+        "final_val_top5_error_pct": last.get("val_top5_error_pct"),
+        "best_val_error_pct": c.best_val_error_pct,
+        "final_train_error_pct": last.get("train_error_pct"),
+        "final_weight_distance": last.get("weight_distance"),
+        "wall_time_s": train_time,
+        "samples_per_s": c.samples / train_time if train_time > 0 else None,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "world_size": world_size,
+        "torch_version": torch.__version__,
+        "bigbatch_version": bigbatch.__version__,
+        "git_commit": _git_commit(),
+    }
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
