@@ -3,7 +3,7 @@
 A grid directory is what :func:`bigbatch.reproduce.run_grid` writes::
 
     OUT/grid.toml                      resolved preset (arms, seeds, paper numbers, evidence)
-    OUT/<slug>/seed<k>/summary.json    one run (see bigbatch.train.loop)
+    OUT/<slug>/seed<k>/summary.json    one run (written by bigbatch.train.rundir)
     OUT/<slug>/seed<k>/metrics.csv, diffusion.csv
 
 Everything here is plain data in, plain data out (no plotting, no file writing), so the numbers the
