@@ -349,12 +349,13 @@ def ghost_batch_norm(
     Args:
         x: input ``(N, C, *)``; contiguous or channels_last.
         running_mean, running_var: ``(C,)`` buffers updated in place in training, or None to not
-        track. weight, bias: optional ``(C,)`` affine parameters.
+            track.
+        weight, bias: optional ``(C,)`` affine parameters.
         ghost_batch_size: samples per ghost batch (the last one may be shorter).
         training: use (ghost) batch statistics and update the running ones.
-        momentum: weight of each ghost batch in the running statistics, ``r = (1 - m) r + m s``, as
-        in
-            ``nn.BatchNorm``; None for a cumulative average (needs ``num_batches_tracked``).
+        momentum: weight of each ghost batch in the running statistics,
+            ``r = (1 - m) r + m s``, as in ``nn.BatchNorm``; None for a cumulative average
+            (needs ``num_batches_tracked``).
         eps: added to the variance.
         num_batches_tracked: optional counter buffer, increased by the number of ghost batches.
 
@@ -363,8 +364,8 @@ def ghost_batch_norm(
 
     Raises:
         ValueError: for a bad ``ghost_batch_size``, an input of rank < 2, a ghost batch with a
-        single
-            value per channel in training, or ``training=False`` without running statistics.
+            single value per channel in training, or ``training=False`` without running
+            statistics.
 
     Example:
         >>> x = torch.randn(6, 3)
@@ -525,8 +526,7 @@ _DOC_TEMPLATE = r"""Ghost batch normalization over {shape} input (Hoffer et al. 
 
     Raises:
         ValueError: for a bad ``ghost_batch_size``, a wrong input rank, or a ghost batch with a
-        single
-            value per channel in training.
+            single value per channel in training.
 
     Example:
         >>> m = {name}(4, ghost_batch_size=8)
