@@ -17,9 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from bigbatch.errors import BigBatchError, ConfigError
+from bigbatch.fileio import tomllib
 
 __all__ = ["build_parser", "main"]
 

@@ -1,5 +1,10 @@
-"""Atomic file writes shared by the engine, the grid runner and the report (no torch import).
+"""File I/O shared by the engine, the grid runner and the report (no torch import).
 
+Reading: :func:`parse_data_text` turns TOML or YAML text into plain data (``tomllib`` /
+``yaml.safe_load``, never executed), with a one-line error; ``tomllib`` here is the standard
+library's, or ``tomli`` on Python 3.10.
+
+Writing:
 Every output file goes through :func:`atomic_write_bytes`: the data goes to a temporary file in the
 same directory, is flushed and fsynced, then ``os.replace``-d over the target, and the directory is
 fsynced. A crash (or SIGKILL) at any moment leaves either the old file or the new one, never half of
@@ -22,18 +27,25 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bigbatch.errors import BigBatchError
+from bigbatch.errors import BigBatchError, ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 __all__ = [
     "StorageError",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "parse_data_text",
     "remove_stale_temp_files",
     "storage_error",
 ]
@@ -138,3 +150,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """:func:`atomic_write_bytes` for JSON (indented, keys in insertion order, trailing newline)."""
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def parse_data_text(text: str, fmt: str, context: str) -> Any:
+    """Parse TOML (``fmt="toml"``) or YAML (``"yaml"``) text as plain data; nothing is executed.
+
+    Args:
+        text: the document.
+        fmt: ``"toml"`` or ``"yaml"``.
+        context: what the message starts with, e.g. ``"cannot parse config file 'run.yaml'"``.
+
+    Returns:
+        The parsed value (a dict for TOML; any YAML value, None for an empty YAML document).
+
+    Raises:
+        ConfigError: ``"<context>: <first line of the parser's message>"`` — a syntax error, or a
+            YAML tag that ``safe_load`` refuses (``!!python/object`` ...).
+
+    Example:
+        >>> parse_data_text("lr = 0.1", "toml", "regime")
+        {'lr': 0.1}
+    """
+    try:
+        if fmt == "toml":
+            return tomllib.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - tomllib/yaml raise their own (and ValueError); report
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{context}: {first}") from None

@@ -37,19 +37,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError, DivergenceError
+from bigbatch.fileio import tomllib
 from bigbatch.report.tables import ARM_SLUGS, ARMS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "arm_configs", "list_presets", "load_preset",
            "run_grid"]  # fmt: skip

@@ -26,19 +26,14 @@ import functools
 import inspect
 import logging
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 from bigbatch.errors import ConfigError
+from bigbatch.fileio import parse_data_text
 from bigbatch.recipes.scaling import lr_scale_factor
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 if TYPE_CHECKING:
     import torch
@@ -323,11 +318,7 @@ class Regime:
     @classmethod
     def from_toml(cls, text: str) -> Regime:
         """Parse TOML text as data and validate it (see :meth:`from_dict`)."""
-        try:
-            d = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"invalid TOML regime: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_data_text(text, "toml", "invalid TOML regime"))
 
     def to_yaml(self) -> str:
         """YAML text (``yaml.safe_dump``) that :meth:`from_yaml` reads back equal."""
@@ -338,13 +329,7 @@ class Regime:
     @classmethod
     def from_yaml(cls, text: str) -> Regime:
         """Parse YAML text with ``yaml.safe_load`` (never executed) and validate it."""
-        import yaml
-
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"invalid YAML regime: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_data_text(text, "yaml", "invalid YAML regime"))
 
     # -- schedule ---------------------------------------------------------------------------------
     @property

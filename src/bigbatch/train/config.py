@@ -27,9 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from bigbatch.errors import ConfigError
+from bigbatch.fileio import parse_data_text
 
 __all__ = ["RunConfig", "load_config", "merge_config", "resolve_regime", "RESOLVED_KEY"]
 
@@ -383,17 +382,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
-    try:
-        if suffix == ".toml":
-            d = tomllib.loads(text)
-        else:
-            import yaml
-
-            d = yaml.safe_load(text)
-            d = {} if d is None else d
-    except Exception as e:  # noqa: BLE001 - tomllib/yaml raise their own error types; report, don't trace
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot parse config file {str(path)!r}: {first}") from None
+    d = parse_data_text(text, "toml" if suffix == ".toml" else "yaml",
+                        f"cannot parse config file {str(path)!r}")  # fmt: skip
+    d = {} if d is None else d  # an empty YAML file
     if not isinstance(d, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a table of keys, got {type(d).__name__}"
