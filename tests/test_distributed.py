@@ -10,15 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
+from procs import free_port, spawn_and_wait
 from torch import nn
 
 from bigbatch import distributed
@@ -177,23 +175,11 @@ def _run_scenarios(ctx: DistContext, out_dir: str) -> None:
         json.dump(info, f)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     """Run the 2-process job once; return a loader of what rank r saved under a name."""
     out_dir = tmp_path_factory.mktemp("dist")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process job did not finish within 120 s")
+    spawn_and_wait(_worker, (free_port(), str(out_dir)), WORLD_SIZE)
 
     def load(name: str, rank: int):
         if name == "info":

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from procs import free_port, spawn_and_wait
 
 from bigbatch import distributed
 from bigbatch.cli import main
@@ -52,12 +51,6 @@ EVAL_UPDATES = [32, 64, 96, 128, 160, 192]
 TIMING_KEYS = {"wall_time_s", "samples_per_s"}
 # Identical in exact arithmetic; DDP adds the two halves' gradients in another order.
 PARAM_TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _without_timing(rows):
@@ -95,13 +88,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process job did not finish within 120 s")
+    spawn_and_wait(_worker, (free_port(), str(out_dir)), WORLD_SIZE)
     return out_dir
 
 
@@ -216,7 +203,7 @@ def _children(pid: int) -> list[int]:
 
 def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), "-m", "bigbatch", "train", *args]
+            "--master-port", str(free_port()), "-m", "bigbatch", "train", *args]
 
 
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
