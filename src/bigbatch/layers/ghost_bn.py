@@ -17,12 +17,15 @@ closed form (see ``_update_running_stats``) instead of k sequential updates.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from bigbatch.layers import _cpu_kernel
 
 __all__ = [
     "ghost_batch_norm",
@@ -50,7 +53,7 @@ def _check_ghost_batch_size(ghost_batch_size: object) -> None:
 def _check_single_value(x: Tensor, ghost_batch_size: int) -> None:
     """Refuse a ghost batch with one value per channel (as nn.BatchNorm does), saying what to do."""
     n = x.shape[0]
-    values_per_sample = x[0, 0].numel() if n else 1
+    values_per_sample = math.prod(x.shape[2:]) if n else 1
     last = n - (-(-n // ghost_batch_size) - 1) * ghost_batch_size
     if last * values_per_sample != 1:
         return
@@ -109,6 +112,14 @@ def _to_3d(t: Tensor, channels_last: bool) -> Tensor:
     return t.reshape(n, c, -1)
 
 
+def _view_3d(t: Tensor, channels_last: bool) -> Tensor:
+    """``_to_3d`` for a tensor to be written through: must be a view, never a copy."""
+    t3 = _to_3d(t, channels_last)
+    if t3.data_ptr() != t.data_ptr() or not t3.is_contiguous():
+        raise RuntimeError(f"internal: no contiguous 3-d view of a {tuple(t.shape)} tensor")
+    return t3
+
+
 def _from_3d(t3: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
     if len(shape) == 2:
         return t3.squeeze(1)
@@ -155,10 +166,28 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         x = x_in.contiguous(memory_format=memory_format)
         compute_dtype = torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
         xc = x.to(compute_dtype)
-        out = torch.empty_like(xc)
         shape = _param_shape(channels_last)
         w = None if weight is None else weight.to(compute_dtype).view(shape)
         b = None if bias is None else bias.to(compute_dtype).view(shape)
+        ctx.ghost_batch_size = ghost_batch_size
+        ctx.eps = eps
+        ctx.kernel = _cpu_kernel.usable(xc)
+        if ctx.kernel:  # fused C kernels (see _cpu_kernel.py): one pass per direction over memory
+            out = torch.empty_like(xc)  # written through a 3-d view: the output is no view
+            stats = _cpu_kernel.forward(
+                _to_3d(xc, channels_last).contiguous(),
+                None if w is None else w.reshape(-1).contiguous(),
+                None if b is None else b.reshape(-1).contiguous(),
+                ghost_batch_size,
+                eps,
+                channels_last,
+                _view_3d(out, channels_last),
+            )
+            ctx.save_for_backward(x_in, weight, bias, stats)
+            mean, var = stats[0], stats[1]
+            ctx.mark_non_differentiable(mean, var)
+            return out.to(x.dtype), mean, var
+        out = torch.empty_like(xc)
         dims = _reduce_dims(channels_last)
         means, invstds, variances = [], [], []
         # At most two groups: the ghost batches that fill the batch, then the shorter last one.
@@ -181,8 +210,6 @@ class _GhostBatchNormFunction(torch.autograd.Function):
             invstds.append(invstd)
             variances.append(var)
         ctx.save_for_backward(x_in, weight, bias, *means, *invstds)
-        ctx.ghost_batch_size = ghost_batch_size
-        ctx.eps = eps
         batch_mean = torch.cat([m.flatten(1) for m in means])
         batch_var = torch.cat([v.flatten(1) for v in variances])
         ctx.mark_non_differentiable(batch_mean, batch_var)
@@ -194,12 +221,30 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation instead
             return _double_backward(ctx, x, weight, bias, grad_out)
         g = ctx.ghost_batch_size
-        means, invstds = stats[: len(stats) // 2], stats[len(stats) // 2 :]
         memory_format = _memory_format(x)
         channels_last = _channels_last(x, memory_format)
-        compute_dtype = means[0].dtype
+        compute_dtype = stats[0].dtype
         xc = x.contiguous(memory_format=memory_format).to(compute_dtype)
         dy = grad_out.contiguous(memory_format=memory_format).to(compute_dtype)
+        if ctx.kernel:
+            (stats,) = stats
+            w = None if weight is None else weight.to(compute_dtype).reshape(-1).contiguous()
+            dx = torch.empty_like(xc) if ctx.needs_input_grad[0] else None
+            grad_w, grad_b = _cpu_kernel.backward(
+                _to_3d(xc, channels_last).contiguous(),
+                _to_3d(dy, channels_last).contiguous(),
+                w,
+                stats,
+                g,
+                channels_last,
+                ctx.needs_input_grad[:3],
+                None if dx is None else _view_3d(dx, channels_last),
+            )
+            grad_x = None if dx is None else dx.to(x.dtype)
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+            return grad_x, grad_w, grad_b, None, None
+        means, invstds = stats[: len(stats) // 2], stats[len(stats) // 2 :]
         dx = torch.empty_like(xc)
         w = None if weight is None else weight.to(compute_dtype).view(_param_shape(channels_last))
         dims = _reduce_dims(channels_last)
@@ -326,6 +371,19 @@ def _update_running_stats(
         num_batches_tracked.add_(k)
 
 
+def _eager_cpu_update(
+    running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, momentum: float | None
+) -> bool:
+    """Whether the running statistics can take the eager CPU fast path (same dtype, a momentum)."""
+    return (
+        momentum is not None
+        and batch_mean.device.type == "cpu"
+        and running_mean.dtype == running_var.dtype == batch_mean.dtype
+        and running_mean.device == batch_mean.device
+        and not torch.compiler.is_compiling()
+    )
+
+
 def ghost_batch_norm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -411,25 +469,39 @@ def ghost_batch_norm(
         return y
     y, batch_mean, batch_var = _GhostBatchNormFunction.apply(x, weight, bias, ghost_batch_size, eps)
     if track:
-        n = x.shape[0]
-        values_per_sample = x[0, 0].numel()
-        # Values per (ghost batch, channel), built on the stats' device: no host-to-device copy.
-        counts = torch.full(
-            (batch_mean.shape[0], 1),
-            ghost_batch_size * values_per_sample,
-            dtype=batch_var.dtype,
-            device=batch_var.device,
-        )
-        counts[-1] = (n - (batch_mean.shape[0] - 1) * ghost_batch_size) * values_per_sample
+        n, k = x.shape[0], batch_mean.shape[0]
+        values_per_sample = math.prod(x.shape[2:])
+        full = ghost_batch_size * values_per_sample  # values per (ghost batch, channel)
+        last = (n - (k - 1) * ghost_batch_size) * values_per_sample
         with torch.no_grad():
-            _update_running_stats(
-                running_mean,
-                running_var,
-                batch_mean,
-                batch_var * counts / (counts - 1),  # unbiased, as nn.BatchNorm stores
-                momentum,
-                num_batches_tracked,
-            )
+            if _eager_cpu_update(running_mean, running_var, batch_mean, momentum):
+                # The closed form below with the weights computed in Python: two fused ops.
+                m = float(momentum)
+                weights = [m * (1.0 - m) ** (k - 1 - i) for i in range(k)]
+                unbiased = [full / (full - 1)] * (k - 1) + [last / (last - 1)]
+                decay = (1.0 - m) ** k
+                new = batch_mean.new_tensor
+                running_mean.addmv_(batch_mean.t(), new(weights), beta=decay)
+                running_var.addmv_(
+                    batch_var.t(),
+                    new([w * u for w, u in zip(weights, unbiased, strict=True)]),
+                    beta=decay,
+                )
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(k)
+            else:
+                # Values per (ghost batch, channel), built on the stats' device: no host-to-device
+                # copy, and no Python numbers that torch.compile would have to guard on.
+                counts = torch.full((k, 1), full, dtype=batch_var.dtype, device=batch_var.device)
+                counts[-1] = last
+                _update_running_stats(
+                    running_mean,
+                    running_var,
+                    batch_mean,
+                    batch_var * counts / (counts - 1),  # unbiased, as nn.BatchNorm stores
+                    momentum,
+                    num_batches_tracked,
+                )
     return y
 
 
