@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from bigbatch.layers import GhostBatchNorm1d, GhostBatchNorm2d
+from bigbatch.layers import GhostBatchNorm1d, GhostBatchNorm2d, _cpu_kernel
 from bigbatch.machine import cpu_name
 
 CASES = [  # (label, input shape, ghost size)
@@ -102,6 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(_cpu_kernel.status())  # BIGBATCH_CPU_KERNEL=0 times the PyTorch-ops path instead
     header = (
         "| device | input | ghost | BatchNorm ms | chunk loop ms | GhostBatchNorm ms | "
         "ghost / BN | ghost / chunk |"
