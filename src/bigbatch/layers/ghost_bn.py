@@ -17,12 +17,13 @@ closed form (see ``_update_running_stats``) instead of k sequential updates.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bigbatch.layers import _cpu_kernel
@@ -505,6 +506,11 @@ def ghost_batch_norm(
     return y
 
 
+# nn.BatchNorm's keyword-only ``bias`` is recent (torch 2.13 has it, 2.11 has not); bigbatch
+# supports torch >= 2.3.
+_BN_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
 class _GhostBatchNorm(_BatchNorm):
     """Shared body of the ghost batch-norm modules: a thin shell over ``ghost_batch_norm``."""
 
@@ -524,10 +530,22 @@ class _GhostBatchNorm(_BatchNorm):
         bias: bool = True,
     ) -> None:
         _check_ghost_batch_size(ghost_batch_size)
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        args = (num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if _BN_TAKES_BIAS:
+            super().__init__(*args, bias=bias)
+        else:  # older torch: nn.BatchNorm always has a bias; drop it as newer versions do
+            super().__init__(*args)
+            if affine and not bias:
+                self.register_parameter("bias", None)
         self.ghost_batch_size = int(ghost_batch_size)
+
+    def reset_parameters(self) -> None:
+        # As _BatchNorm's, but also for an affine layer without bias on any torch version.
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if self._ranks and input.dim() not in self._ranks:
