@@ -286,15 +286,23 @@ def _reduce_dims(channels_last: bool) -> tuple[int, int]:
     return (1, 2) if channels_last else (1, 3)
 
 
-def _ghost_normalize_autograd(x: Tensor, weight, bias, ghost_batch_size: int, eps: float) -> Tensor:
-    """The same maths as _GhostBatchNormFunction.forward with out-of-place, differentiable ops."""
+def _ghost_forward_ops(
+    x: Tensor, weight, bias, ghost_batch_size: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The same maths as _GhostBatchNormFunction.forward with out-of-place, differentiable ops.
+
+    Used for double backward, and under torch.compile, which traces these ops (and fuses them)
+    instead of a custom Function: some torch versions compile the Function's backward wrongly
+    (torch 2.11 on CUDA gave a wrong input gradient; see tests/test_ghost_bn_cuda.py). Returns the
+    output and the per-ghost-batch means and biased variances ``(G, C)``, detached.
+    """
     memory_format = _memory_format(x)
     channels_last = _channels_last(x, memory_format)
     shape = _param_shape(channels_last)
     dims = _reduce_dims(channels_last)
     xc = x.contiguous(memory_format=memory_format)
     xc = xc.float() if xc.dtype in _REDUCED_PRECISION else xc
-    outs = []
+    outs, means, variances = [], [], []
     for xg in _groups(_to_3d(xc, channels_last), ghost_batch_size):
         var, mean = torch.var_mean(xg, dims, keepdim=True, correction=0)
         y = (xg - mean) * torch.rsqrt(var + eps)
@@ -303,7 +311,14 @@ def _ghost_normalize_autograd(x: Tensor, weight, bias, ghost_batch_size: int, ep
         if bias is not None:
             y = y + bias.to(y.dtype).view(shape)
         outs.append(y.flatten(0, 1))
-    return _from_3d(torch.cat(outs), x.shape, channels_last).to(x.dtype)
+        means.append(mean.detach().flatten(1))
+        variances.append(var.detach().flatten(1))
+    y = _from_3d(torch.cat(outs), x.shape, channels_last).to(x.dtype)
+    return y, torch.cat(means), torch.cat(variances)
+
+
+def _ghost_normalize_autograd(x: Tensor, weight, bias, ghost_batch_size: int, eps: float) -> Tensor:
+    return _ghost_forward_ops(x, weight, bias, ghost_batch_size, eps)[0]
 
 
 def _double_backward(ctx, x, weight, bias, grad_out):
@@ -468,7 +483,12 @@ def ghost_batch_norm(
                 num_batches_tracked,
             )
         return y
-    y, batch_mean, batch_var = _GhostBatchNormFunction.apply(x, weight, bias, ghost_batch_size, eps)
+    if torch.compiler.is_compiling():
+        y, batch_mean, batch_var = _ghost_forward_ops(x, weight, bias, ghost_batch_size, eps)
+    else:
+        y, batch_mean, batch_var = _GhostBatchNormFunction.apply(
+            x, weight, bias, ghost_batch_size, eps
+        )
     if track:
         n, k = x.shape[0], batch_mean.shape[0]
         values_per_sample = math.prod(x.shape[2:])
