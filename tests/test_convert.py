@@ -148,9 +148,33 @@ def test_options_survive():
         1e-3, None, False, False,
     )  # fmt: skip
     assert ghost.weight is None and ghost.running_mean is None
-    no_bias = convert_ghost_batchnorm(nn.BatchNorm1d(3, bias=False), 4)
+    bn = nn.BatchNorm1d(3)
+    bn.bias = None  # what nn.BatchNorm1d(3, bias=False) makes, on torch versions that have it
+    no_bias = convert_ghost_batchnorm(bn, 4)
     assert no_bias.bias is None and no_bias.weight is not None
     assert revert_ghost_batchnorm(no_bias).bias is None
+
+
+def test_no_bias_round_trip_on_a_torch_without_the_bias_argument(monkeypatch):
+    """Older torch (2.11, seen on a GPU machine): nn.BatchNorm has no bias= argument."""
+    from bigbatch.layers import convert, ghost_bn
+
+    original = nn.modules.batchnorm._BatchNorm.__init__
+
+    def old_init(self, *args, **kwargs):
+        if "bias" in kwargs:
+            raise TypeError("_BatchNorm.__init__() got an unexpected keyword argument 'bias'")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.modules.batchnorm._BatchNorm, "__init__", old_init)
+    monkeypatch.setattr(convert, "_BN_TAKES_BIAS", False)
+    monkeypatch.setattr(ghost_bn, "_BN_TAKES_BIAS", False)
+    bn = nn.BatchNorm2d(3)
+    bn.bias = None
+    ghost = convert_ghost_batchnorm(bn, 4)
+    assert ghost.bias is None and ghost.weight is bn.weight
+    back = revert_ghost_batchnorm(ghost)
+    assert type(back) is nn.BatchNorm2d and back.bias is None and back.weight is bn.weight
 
 
 def test_sync_batchnorm_maps_to_rank_agnostic_ghost():

@@ -22,6 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from bigbatch.layers.ghost_bn import (
+    _BN_TAKES_BIAS,
     GhostBatchNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -53,6 +54,8 @@ def _refuse_wrapped(module: nn.Module) -> None:
 
 def _rebuild(module: nn.Module, cls: type[nn.Module], **kwargs) -> nn.Module:
     """A ``cls`` layer holding ``module``'s own Parameter and buffer objects."""
+    if module.bias is None and (_BN_TAKES_BIAS or issubclass(cls, _GhostBatchNorm)):
+        kwargs["bias"] = False  # (older nn.BatchNorm has no bias=; the bias None is copied below)
     new = cls(
         module.num_features,
         eps=module.eps,
@@ -60,7 +63,6 @@ def _rebuild(module: nn.Module, cls: type[nn.Module], **kwargs) -> nn.Module:
         affine=module.affine,
         track_running_stats=module.track_running_stats,
         device="meta",  # placeholders only: replaced by the original tensors below
-        bias=module.bias is not None,
         **kwargs,
     )
     new._parameters.clear()
