@@ -117,6 +117,23 @@ def test_survives_ghost_bn_conversion_and_wrappers():
     assert wd(wrapped) == expected
 
 
+def test_model_moved_after_the_snapshot():
+    """Found on a GPU machine: nn.DataParallel moves the model to cuda:0 after the snapshot."""
+    model = _model().double()
+    wd = WeightDistance(model)
+    _perturb(model)
+    expected = wd(model)
+    model.to("meta" if not torch.cuda.is_available() else "cuda")
+    if torch.cuda.is_available():
+        total, per = wd(model)
+        assert total == pytest.approx(expected[0]) and per.keys() == expected[1].keys()
+    else:  # a meta tensor has no values, but the snapshot must follow it without an error
+        with pytest.raises(NotImplementedError):
+            wd(model)
+    assert {w.device.type for w in wd._w0.values()} == {"cuda" if torch.cuda.is_available()
+                                                        else "meta"}
+
+
 def test_with_the_real_ghost_bn_converter():
     convert = pytest.importorskip("bigbatch.layers.convert")
     model = _model()

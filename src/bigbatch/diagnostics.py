@@ -86,6 +86,11 @@ class WeightDistance:
         self._check(params.keys(), {k: tuple(p.shape) for k, p in params.items()}, "the model")
         if not params:
             return 0.0, {}
+        # A model moved after the snapshot (say created on the CPU, then .to("cuda"), as
+        # nn.DataParallel does by itself): move the snapshot once, to where the parameters are.
+        for name, w0 in self._w0.items():
+            if w0.device != params[name].device:
+                self._w0[name] = w0.to(params[name].device)
         # One norm per parameter, computed on its device in float32 (or wider), then a single
         # transfer to the host: a .item() per parameter would synchronise a GPU once per tensor.
         norms = [
