@@ -1,11 +1,12 @@
 """Ghost batch norm layer speed: GhostBatchNorm vs nn.BatchNorm vs the naive chunk loop.
 
 What it shows: forward + backward time of one layer on one input, for the paper's ghost size 128
-(and 32) inside large batches. The three variants run interleaved (A, B, C, A, B, C, ...) and the
-median of the repeats is reported, so machine noise hits all three alike; ratios are what to quote.
+(and 32) inside large batches. The three variants run interleaved, in an order rotated every round
+(A, B, C, B, C, A, C, A, B, ...), and the median of the repeats is reported, so machine noise hits
+all three alike; ratios are what to quote.
 CPU with torch.set_num_threads(2); a CUDA column (and torch.compile'd ghost) only when a GPU exists.
 
-Run: python benchmarks/ghost_bn.py [--repeats 15]. Results are recorded in benchmarks/RESULTS.md.
+Run: python benchmarks/ghost_bn.py [--repeats 31]. Results are recorded in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def time_interleaved(layers: dict, x, grad_out, repeats: int, sync) -> dict[str,
         for _ in range(2):
             _step(layer, x, grad_out, sync)
     times = {name: [] for name in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
+    names = list(layers)
+    for i in range(repeats):
+        # Rotate the order each round, so that no variant always runs right after the same one
+        # (the chunk loop's many allocations change what the next variant's allocations cost).
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            layer = layers[name]
             start = time.perf_counter()
             _step(layer, x, grad_out, sync)
             times[name].append((time.perf_counter() - start) * 1e3)
@@ -98,7 +103,7 @@ def run(device: str, repeats: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=31)
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
