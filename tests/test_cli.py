@@ -128,6 +128,7 @@ def test_end_to_end_on_a_slice_of_fashion_mnist(tmp_path, capsys):
     for key in ("final_val_error_pct", "best_val_error_pct", "final_train_error_pct",
                 "wall_time_s", "samples_per_s", "torch_version", "bigbatch_version", "git_commit"):
         assert key in summary, key
+    assert summary["ghost_bn_cpu_kernel"].startswith("ghost batch norm CPU kernel: ")
     assert len(read_rows(out / "metrics.csv")) == 2 and (out / "diffusion.csv").is_file()
     torch.load(out / "checkpoints" / "best.pt", weights_only=True)
     written = (out / "config.toml").read_text()

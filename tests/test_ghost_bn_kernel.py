@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -14,6 +16,13 @@ from hypothesis import strategies as st
 
 from bigbatch.layers import _cpu_kernel, ghost_batch_norm
 
+_BUILD_AND_RUN = """
+import torch
+from bigbatch.layers import _cpu_kernel, ghost_batch_norm
+assert _cpu_kernel.available(), _cpu_kernel.status()
+y = ghost_batch_norm(torch.randn(40, 3), None, None, ghost_batch_size=8, training=True)
+print(float(y[:8].std(unbiased=False)))
+"""
 HAS_COMPILER = sys.platform.startswith("linux") and bool(shutil.which("cc") or shutil.which("gcc"))
 
 
@@ -183,3 +192,43 @@ def test_output_can_be_modified_in_place(shape, fmt):
         x2 = x.detach().clone().requires_grad_()
         ghost_batch_norm(x2, None, None, ghost_batch_size=4, training=True).relu_().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="needs a C compiler")
+def test_a_damaged_cached_library_is_rebuilt(fresh_loader):
+    # Built by another process: truncating a library this process has mapped would crash it.
+    env = {**os.environ, "BIGBATCH_CACHE_DIR": str(fresh_loader)}
+    subprocess.run([sys.executable, "-c", _BUILD_AND_RUN], env=env, check=True, timeout=120,
+                   capture_output=True)  # fmt: skip
+    (built,) = fresh_loader.glob("ghost_bn_cpu-*.so")
+    built.write_bytes(b"\x7fELF truncated by a crash or by hand")
+    lib, status = _cpu_kernel._load()
+    assert lib is not None, status
+    assert built.stat().st_size > 1000 and lib.gbn_abi_version() == _cpu_kernel._ABI_VERSION
+
+
+def test_an_unusable_cache_directory_falls_back(fresh_loader, monkeypatch, caplog):
+    blocker = fresh_loader / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("BIGBATCH_CACHE_DIR", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger="bigbatch.layers._cpu_kernel"):
+        assert not _cpu_kernel.available()
+    assert "not built" in _cpu_kernel.status() and "could not be built" in caplog.text
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="needs a C compiler")
+def test_processes_building_at_once_share_one_library(fresh_loader):
+    """Two processes (say two DDP ranks) start with an empty cache: both build and write the
+    library at the same time; each build goes to its own temporary file, renamed atomically."""
+    env = {**os.environ, "BIGBATCH_CACHE_DIR": str(fresh_loader)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUILD_AND_RUN], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert float(out) == pytest.approx(1.0, abs=1e-3)
+    assert len(list(fresh_loader.glob("ghost_bn_cpu-*.so"))) == 1
+    assert [p for p in fresh_loader.iterdir() if not p.name.endswith(".so")] == []

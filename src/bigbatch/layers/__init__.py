@@ -1,5 +1,6 @@
 """Layers: ghost batch normalization, and the converter that puts it into a model and back."""
 
+from bigbatch.layers._cpu_kernel import status as cpu_kernel_status
 from bigbatch.layers.convert import convert_ghost_batchnorm, revert_ghost_batchnorm
 from bigbatch.layers.ghost_bn import (
     GhostBatchNorm,
@@ -15,6 +16,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "convert_ghost_batchnorm",
+    "cpu_kernel_status",
     "ghost_batch_norm",
     "revert_ghost_batchnorm",
 ]

@@ -109,6 +109,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gbn_abi_version.restype = i32
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.gbn_abi_version() != _ABI_VERSION:
+        raise OSError(f"{path} has ABI version {lib.gbn_abi_version()}, not {_ABI_VERSION}")
+    return lib
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("BIGBATCH_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "off (BIGBATCH_CPU_KERNEL=0)"
@@ -129,12 +137,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             )
         ).hexdigest()[:16]
         target = _cache_dir() / f"ghost_bn_cpu-{key}.so"
-        if not target.exists():
+        lib = None
+        if target.exists():
+            try:
+                lib = _open(target)
+            except (OSError, AttributeError) as exc:  # damaged (say by hand): build it again
+                _LOG.info("bigbatch: rebuilding %s, which does not load (%s)", target, exc)
+        if lib is None:
             _build(source, target, compiler)
-        lib = ctypes.CDLL(str(target))
-        _declare(lib)
-        if lib.gbn_abi_version() != _ABI_VERSION:
-            return None, f"not used: {target} has another ABI version"
+            lib = _open(target)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         _LOG.warning(
             "bigbatch: ghost batch norm's CPU kernel could not be built or loaded (%s); using the "

@@ -27,6 +27,7 @@ from torch import nn
 
 import bigbatch
 from bigbatch.errors import BigBatchError, ConfigError
+from bigbatch.layers import _cpu_kernel
 from bigbatch.machine import cpu_name
 from bigbatch.train.checkpoint import (
     atomic_write_json,
@@ -276,6 +277,8 @@ def summary(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "world_size": world_size,
         "torch_version": torch.__version__,
+        # Which ghost batch norm code ran on CPU (fused kernels or PyTorch ops): speed differs.
+        "ghost_bn_cpu_kernel": _cpu_kernel.status() if cfg.ghost_batch_size else None,
         "bigbatch_version": bigbatch.__version__,
         "git_commit": _git_commit(),
     }
