@@ -15,6 +15,8 @@ Environment:
     BIGBATCH_CACHE_DIR: where the built library is kept (default ``$XDG_CACHE_HOME/bigbatch`` or
         ``~/.cache/bigbatch``). The file name holds a hash of the source, compiler, flags and CPU
         model, so a changed source or another machine sharing the directory gets its own build.
+        The library found there is loaded as is: like torch's own extension cache, the directory
+        must be writable by its user only (the default, under the home directory, is).
 """
 
 from __future__ import annotations
