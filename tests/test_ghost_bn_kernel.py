@@ -232,3 +232,12 @@ def test_processes_building_at_once_share_one_library(fresh_loader):
         assert float(out) == pytest.approx(1.0, abs=1e-3)
     assert len(list(fresh_loader.glob("ghost_bn_cpu-*.so"))) == 1
     assert [p for p in fresh_loader.iterdir() if not p.name.endswith(".so")] == []
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="needs a C compiler")
+def test_cc_may_hold_a_command_with_arguments(fresh_loader, monkeypatch):
+    """CC="ccache gcc" or "gcc -m64" style values are split like a shell would."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"{compiler} -fno-strict-aliasing")
+    lib, status = _cpu_kernel._load()
+    assert lib is not None, status

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -69,14 +70,14 @@ def _cache_dir() -> Path:
     return Path(base) / "bigbatch"
 
 
-def _compiler_identity(compiler: str) -> str:
+def _compiler_identity(compiler: list[str]) -> str:
     result = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+        [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
     )
-    return result.stdout.splitlines()[0] if result.stdout else compiler
+    return result.stdout.splitlines()[0] if result.stdout else " ".join(compiler)
 
 
-def _build(source: bytes, target: Path, compiler: str) -> None:
+def _build(source: bytes, target: Path, compiler: list[str]) -> None:
     """Compile ``source`` to ``target`` atomically (a concurrent build of the same key is fine)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bigbatch-build-") as tmp:
@@ -86,13 +87,13 @@ def _build(source: bytes, target: Path, compiler: str) -> None:
         os.close(fd)
         try:
             result = subprocess.run(
-                [compiler, *_FLAGS, str(src), "-o", partial, "-lm"],
+                [*compiler, *_FLAGS, str(src), "-o", partial, "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=_BUILD_TIMEOUT_S,
             )
             if result.returncode != 0:
-                raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+                raise OSError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
@@ -126,7 +127,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"not used on {sys.platform} (Linux only)"
     if not torch.backends.openmp.is_available():
         return None, "not used: this torch build has no OpenMP"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    found = shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
     if not compiler:
         return None, "not built: no C compiler found (install gcc, or set CC)"
     source = resources.files("bigbatch.layers").joinpath("ghost_bn_cpu.c").read_bytes()
@@ -135,7 +137,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         key = hashlib.sha256(
             b"\0".join(
                 part.encode() if isinstance(part, str) else part
-                for part in (source, identity, " ".join(_FLAGS), platform.machine(), cpu_name())
+                for part in (
+                    source, identity, " ".join(compiler + _FLAGS), platform.machine(), cpu_name()
+                )
             )
         ).hexdigest()[:16]
         target = _cache_dir() / f"ghost_bn_cpu-{key}.so"
