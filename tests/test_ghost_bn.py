@@ -89,6 +89,7 @@ def assert_same_step(ghost, ref, x, *, tol, check_grads=True, call=None):
     dtype=st.sampled_from([torch.float64, torch.float32]),
     steps=st.integers(1, 3),
     backend=st.sampled_from(sorted(BACKENDS)),
+    seed=st.integers(0, 2**16),
 )
 def test_matches_reference(
     case,
@@ -101,6 +102,7 @@ def test_matches_reference(
     dtype,
     steps,
     backend,
+    seed,
 ):
     values_per_sample = 1
     for size in CASES[case][2]:
@@ -116,15 +118,28 @@ def test_matches_reference(
         affine=affine,
         track_running_stats=track_running_stats,
     )
+    torch.manual_seed(seed)  # the inputs are part of the example: a failure replays exactly
     with BACKENDS[backend]():
         for _ in range(steps):
             ghost.zero_grad()
             ref.zero_grad()
             x = make_input(case, batch, num_features, dtype)
+            if dtype == torch.float32:
+                # A ghost batch whose values nearly coincide is ill-conditioned: the float32
+                # reference (nn.BatchNorm) then loses digits that the layer keeps (the CPU
+                # kernel sums in double), so the two differ beyond TOL. The kernel is held to
+                # float64 results in such cases in test_ghost_bn_kernel.py.
+                assume(_min_ghost_std(x, ghost_batch_size) > 0.05)
             assert_same_step(ghost, ref, x, tol=TOL[dtype])
     ghost.eval()
     ref.eval()
     assert_same_step(ghost, ref, make_input(case, batch, num_features, dtype), tol=TOL[dtype])
+
+
+def _min_ghost_std(x, ghost_batch_size):
+    dims = [0] + list(range(2, x.dim()))
+    return min(float(c.detach().std(dim=dims, unbiased=False).min()) for c in
+               x.split(ghost_batch_size))  # fmt: skip
 
 
 def test_counts_one_update_per_ghost_batch():
