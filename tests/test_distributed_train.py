@@ -61,6 +61,8 @@ def _ghost_bn_torch_ops():
         del os.environ["BIGBATCH_CPU_KERNEL"]
     else:
         os.environ["BIGBATCH_CPU_KERNEL"] = before
+
+
 CONFIG = {
     "model": "f1", "model_options": {"hidden": 16}, "dataset": "synthetic", "batch_size": 32,
     "ghost_batch_size": 8, "epochs": 3, "eval_every_updates": 32, "device": "cpu", "seed": 0,

@@ -59,6 +59,7 @@ The training loop uses this module as follows (see each function for details)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import socket
@@ -562,6 +563,35 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(device_ids=[ctx.device.index])
     else:
         dist.barrier()
+
+
+def gather_objects(obj: T, ctx: DistContext) -> list[T]:
+    """Every process's ``obj``, in rank order, on every process (``[obj]`` when disabled).
+
+    Example:
+        >>> gather_objects("rank 0's", DistContext())
+        ["rank 0's"]
+    """
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank`` for its own random draws (dropout): distinct per rank.
+
+    Model initialisation and the data order use ``seed`` on every process (DDP also broadcasts rank
+    0's weights); what each process draws for its own samples must differ, as one process drawing
+    for the whole global batch would. A 63-bit hash of ``(seed, rank)``.
+
+    Example:
+        >>> rank_seed(0, 0) == rank_seed(0, 0) != rank_seed(0, 1)
+        True
+    """
+    digest = hashlib.sha256(f"bigbatch rank seed {seed} {rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def broadcast_object(obj: T, ctx: DistContext, src: int = 0) -> T:

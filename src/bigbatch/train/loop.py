@@ -258,6 +258,10 @@ class _Run:
         self.model = model  # the plain module: state_dict, weight distance
         # DDP broadcasts rank 0's weights when wrapping: w0 is taken after, the same on every rank.
         self.train_model = distributed.wrap_model(model, ctx)
+        if ctx.world_size > 1:
+            # From here each process draws its own random numbers (dropout masks), as one process
+            # drawing for the whole global batch would; weights and data order are already shared.
+            torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))
         self.weight_distance = WeightDistance(model)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
@@ -289,6 +293,8 @@ class _Run:
             optimizer=self.optimizer,
             weight_distance=self.weight_distance,
             device=self.device,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
         )
         if self.is_main:
             rundir.truncate_outputs(self.run_dir, self.counters.updates)
@@ -322,6 +328,9 @@ class _Run:
         # Fold the time since the last save into the counter that the checkpoint carries.
         self.counters.wall_time_s = self._wall_time()
         self.started = time.perf_counter()
+        # Every process's random-number state (a collective), so that a resume continues each
+        # process's own dropout stream.
+        rng_per_rank = self.dist.gather_objects(rundir.rng_state(self.device), self.ctx)
         if not self.is_main:
             return
         state = rundir.checkpoint_state(
@@ -335,6 +344,7 @@ class _Run:
             config=self.config,
             world_size=self.ctx.world_size,
             elastic_job_id=self.dist.elastic_job_id(),
+            rng_per_rank=rng_per_rank,
         )
         rundir.write_checkpoint(self.run_dir, state, best=best)
         self.last_checkpoint_time = time.perf_counter()

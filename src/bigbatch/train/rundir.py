@@ -146,13 +146,35 @@ def _prepare_run_dir_main(
 
 
 def restore_state(
-    state: dict, *, model: nn.Module, optimizer: Any, weight_distance: Any, device: torch.device
+    state: dict,
+    *,
+    model: nn.Module,
+    optimizer: Any,
+    weight_distance: Any,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> _Counters:
-    """Load a checkpoint's model, optimizer, weight-distance origin and RNG; return its counters."""
+    """Load a checkpoint's model, optimizer, weight-distance origin and RNG; return its counters.
+
+    Each process gets back its own random-number state when the checkpoint has one per process
+    for this world size; a job resumed on another number of processes (or from a checkpoint
+    without them) reseeds each process from ``(seed, rank, updates)`` instead: deterministic, but
+    not the stream the interrupted job would have drawn.
+    """
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     weight_distance.load_state_dict(state["weight_distance"])
-    _set_rng_state(state["rng"], device)
+    per_rank = state.get("rng_per_rank") or []
+    if world_size == 1:
+        _set_rng_state(state["rng"], device)
+    elif len(per_rank) == world_size:
+        _set_rng_state(per_rank[rank], device)
+    else:
+        from bigbatch.distributed import rank_seed
+
+        seed = rank_seed(int(state["config"].get("seed", 0)), rank) + state["updates"]
+        torch.manual_seed(seed & (2**63 - 1))
     return _Counters(**state["counters"])
 
 
@@ -186,14 +208,19 @@ def checkpoint_state(
     config: RunConfig,
     world_size: int,
     elastic_job_id: Any,
+    rng_per_rank: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint: a plain dict, so that ``torch.load(weights_only=True)`` accepts it."""
+    """The checkpoint: a plain dict, so that ``torch.load(weights_only=True)`` accepts it.
+
+    ``rng_per_rank``: every process's :func:`rng_state` (under DDP), kept beside rank 0's ``rng``.
+    """
     return {
+        "rng_per_rank": rng_per_rank if world_size > 1 else None,
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "weight_distance": weight_distance.state_dict(),
-        "rng": _rng_state(device),
+        "rng": rng_state(device),
         "epoch": counters.updates // updates_per_epoch,
         "step_in_epoch": counters.updates % updates_per_epoch,
         "updates": counters.updates,
@@ -300,7 +327,8 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random-number state (CPU, and CUDA when training there)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
