@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,8 +14,9 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from reference import ChunkedBatchNorm
 
-from bigbatch.layers import _cpu_kernel, ghost_batch_norm
+from bigbatch.layers import GhostBatchNorm1d, _cpu_kernel, ghost_batch_norm
 
 _BUILD_AND_RUN = """
 import torch
@@ -241,3 +243,20 @@ def test_cc_may_hold_a_command_with_arguments(fresh_loader, monkeypatch):
     monkeypatch.setenv("CC", f"{compiler} -fno-strict-aliasing")
     lib, status = _cpu_kernel._load()
     assert lib is not None, status
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch ops"])
+def test_empty_samples_are_handled_like_batch_norm(backend):
+    """(N, C, 0) input: found crashing the kernel (it read a value that is not there)."""
+    assert not _cpu_kernel.usable(torch.empty(300, 3, 0))
+    ghost, bn = GhostBatchNorm1d(3, 128), torch.nn.BatchNorm1d(3)
+    ref = ChunkedBatchNorm(bn, 128)
+    x = torch.randn(300, 3, 0, requires_grad=True)
+    ctx = _cpu_kernel.disabled() if backend == "torch ops" else contextlib.nullcontext()
+    with ctx:
+        y = ghost(x)
+    y_ref = ref(x)
+    assert y.shape == y_ref.shape == (300, 3, 0)
+    for name, buf in ghost.named_buffers():
+        torch.testing.assert_close(buf, getattr(bn, name))  # unchanged stats, 3 batches counted
+    y.sum().backward()

@@ -487,6 +487,13 @@ def ghost_batch_norm(
                 num_batches_tracked,
             )
         return y
+    if x.numel() == 0:
+        # Empty samples (a zero-sized spatial dim): nn.BatchNorm on each empty slice returns it
+        # empty and leaves the running statistics alone; each slice still counts as a batch.
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.0, eps)
+        if track and num_batches_tracked is not None:
+            num_batches_tracked.add_(-(-x.shape[0] // ghost_batch_size))
+        return y
     if torch.compiler.is_compiling():
         y, batch_mean, batch_var = _ghost_forward_ops(x, weight, bias, ghost_batch_size, eps)
     else:
