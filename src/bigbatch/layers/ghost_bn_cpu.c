@@ -92,6 +92,45 @@ static inline void unit_range(const layout_t *l, int64_t unit, int64_t *j, int64
 
 #define DEFINE_KERNELS(T, SUFFIX)                                                                  \
                                                                                                    \
+    /* Per channel of a unit, from its shifted sums: the output's scale sc, shift sh and rounded   \
+     * mean mh, and the statistics written out (see gbn_forward). Shared by both layouts. */       \
+    INLINE void forward_coefficients_##SUFFIX(int64_t nb, const double *sum, const double *sq,     \
+                                              const double *shift, double m_count, const T *w,     \
+                                              const T *b, double eps, T *sc, T *sh, T *mh,         \
+                                              T *stats, int64_t gc) {                              \
+        for (int64_t h = 0; h < nb; h++) {                                                         \
+            double dm = sum[h] / m_count, var = sq[h] / m_count - dm * dm;                         \
+            double mu = shift[h] + dm;                                                             \
+            if (var < 0.0) var = 0.0;                                                              \
+            double inv = 1.0 / sqrt(var + eps), scale = w ? inv * (double)w[h] : inv;              \
+            sc[h] = (T)scale;                                                                      \
+            mh[h] = (T)mu;                                                                         \
+            sh[h] = (T)((b ? (double)b[h] : 0.0) - (mu - (double)mh[h]) * scale);                  \
+            stats[h] = (T)mu;                                                                      \
+            stats[gc + h] = (T)var;                                                                \
+            stats[2 * gc + h] = (T)inv;                                                            \
+            stats[3 * gc + h] = (T)(mu - (double)mh[h]);                                           \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    /* Per channel of a unit, from sum(dy) and sum(dy (x - mean)): the input gradient's            \
+     * coefficients ta, tb, td and rounded mean mh (see gbn_backward), and the sums written out. */ \
+    INLINE void backward_coefficients_##SUFFIX(int64_t nb, const double *sdy, const double *sdyx,  \
+                                               double m_count, const T *w, const T *mean,          \
+                                               const T *mean_lo, const T *invstd, T *ta, T *tb,    \
+                                               T *td, T *mh, T *sums, int64_t gc) {                \
+        for (int64_t h = 0; h < nb; h++) {                                                         \
+            double inv = (double)invstd[h], a = w ? (double)w[h] * inv : inv;                      \
+            double bq = -a * inv * inv * sdyx[h] / m_count;                                        \
+            ta[h] = (T)a;                                                                          \
+            tb[h] = (T)bq;                                                                         \
+            mh[h] = mean[h];                                                                       \
+            td[h] = (T)(-a * sdy[h] / m_count - bq * (double)mean_lo[h]);                          \
+            sums[h] = (T)sdy[h];                                                                   \
+            sums[gc + h] = (T)sdyx[h];                                                             \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
     /* Channels first: x points at (first sample, first channel); nb channels of s values. */      \
     INLINE void cf_forward_##SUFFIX(const T *x, T *y, int64_t count, int64_t c, int64_t s,          \
                                     int64_t nb, const T *w, const T *b, double eps, T *stats,      \
@@ -115,19 +154,8 @@ static inline void unit_range(const layout_t *l, int64_t unit, int64_t *j, int64
                 sum[h] += a;                                                                       \
                 sq[h] += q;                                                                        \
             }                                                                                      \
-        for (int64_t h = 0; h < nb; h++) {                                                         \
-            double dm = sum[h] / m_count, var = sq[h] / m_count - dm * dm;                         \
-            double mu = shift[h] + dm;                                                             \
-            if (var < 0.0) var = 0.0;                                                              \
-            double inv = 1.0 / sqrt(var + eps), scale = w ? inv * (double)w[h] : inv;              \
-            sc[h] = (T)scale;                                                                      \
-            mh[h] = (T)mu;                                                                         \
-            sh[h] = (T)((b ? (double)b[h] : 0.0) - (mu - (double)mh[h]) * scale);                  \
-            stats[h] = (T)mu;                                                                      \
-            stats[gc + h] = (T)var;                                                                \
-            stats[2 * gc + h] = (T)inv;                                                            \
-            stats[3 * gc + h] = (T)(mu - (double)mh[h]);                                           \
-        }                                                                                          \
+        forward_coefficients_##SUFFIX(nb, sum, sq, shift, m_count, w, b, eps, sc, sh, mh, stats,   \
+                                      gc);                                                         \
         for (int64_t i = 0; i < count; i++)                                                        \
             for (int64_t h = 0; h < nb; h++) {                                                     \
                 const T *p = x + (i * c + h) * s;                                                  \
@@ -152,19 +180,8 @@ static inline void unit_range(const layout_t *l, int64_t unit, int64_t *j, int64
                 sum[h] += d;                                                                       \
                 sq[h] += d * d;                                                                    \
             }                                                                                      \
-        for (int64_t h = 0; h < nb; h++) {                                                         \
-            double dm = sum[h] / m_count, var = sq[h] / m_count - dm * dm;                         \
-            double mu = shift[h] + dm;                                                             \
-            if (var < 0.0) var = 0.0;                                                              \
-            double inv = 1.0 / sqrt(var + eps), scale = w ? inv * (double)w[h] : inv;              \
-            sc[h] = (T)scale;                                                                      \
-            mh[h] = (T)mu;                                                                         \
-            sh[h] = (T)((b ? (double)b[h] : 0.0) - (mu - (double)mh[h]) * scale);                  \
-            stats[h] = (T)mu;                                                                      \
-            stats[gc + h] = (T)var;                                                                \
-            stats[2 * gc + h] = (T)inv;                                                            \
-            stats[3 * gc + h] = (T)(mu - (double)mh[h]);                                           \
-        }                                                                                          \
+        forward_coefficients_##SUFFIX(nb, sum, sq, shift, m_count, w, b, eps, sc, sh, mh, stats,   \
+                                      gc);                                                         \
         for (int64_t r = 0; r < rows; r++)                                                         \
             for (int64_t h = 0; h < nb; h++)                                                       \
                 y[r * c + h] = (x[r * c + h] - mh[h]) * sc[h] + sh[h];                             \
@@ -211,16 +228,8 @@ static inline void unit_range(const layout_t *l, int64_t unit, int64_t *j, int64
                 sdy[h] += a;                                                                       \
                 sdyx[h] += q;                                                                      \
             }                                                                                      \
-        for (int64_t h = 0; h < nb; h++) {                                                         \
-            double inv = (double)invstd[h], a = w ? (double)w[h] * inv : inv;                      \
-            double bq = -a * inv * inv * sdyx[h] / m_count;                                        \
-            ta[h] = (T)a;                                                                          \
-            tb[h] = (T)bq;                                                                         \
-            mh[h] = mean[h];                                                                       \
-            td[h] = (T)(-a * sdy[h] / m_count - bq * (double)mean_lo[h]);                          \
-            sums[h] = (T)sdy[h];                                                                   \
-            sums[gc + h] = (T)sdyx[h];                                                             \
-        }                                                                                          \
+        backward_coefficients_##SUFFIX(nb, sdy, sdyx, m_count, w, mean, mean_lo, invstd, ta, tb,   \
+                                       td, mh, sums, gc);                                          \
         if (!dx) return;                                                                           \
         for (int64_t i = 0; i < count; i++)                                                        \
             for (int64_t h = 0; h < nb; h++) {                                                     \
@@ -246,23 +255,15 @@ static inline void unit_range(const layout_t *l, int64_t unit, int64_t *j, int64
                 sdy[h] += d;                                                                       \
                 sdyx[h] += d * ((double)x[r * c + h] - mu[h]);                                     \
             }                                                                                      \
-        for (int64_t h = 0; h < nb; h++) {                                                         \
-            double inv = (double)invstd[h], a = w ? (double)w[h] * inv : inv;                      \
-            double bq = -a * inv * inv * sdyx[h] / m_count;                                        \
-            ta[h] = (T)a;                                                                          \
-            tb[h] = (T)bq;                                                                         \
-            mh[h] = mean[h];                                                                       \
-            td[h] = (T)(-a * sdy[h] / m_count - bq * (double)mean_lo[h]);                          \
-            sums[h] = (T)sdy[h];                                                                   \
-            sums[gc + h] = (T)sdyx[h];                                                             \
-        }                                                                                          \
+        backward_coefficients_##SUFFIX(nb, sdy, sdyx, m_count, w, mean, mean_lo, invstd, ta, tb,   \
+                                       td, mh, sums, gc);                                          \
         if (!dx) return;                                                                           \
         for (int64_t r = 0; r < rows; r++)                                                         \
             for (int64_t h = 0; h < nb; h++)                                                       \
                 dx[r * c + h] = ta[h] * dy[r * c + h] + tb[h] * (x[r * c + h] - mh[h]) + td[h];    \
     }                                                                                              \
                                                                                                    \
-    /* stats: the forward's 3 (G, C) arrays; sums: workspace for 2 (G, C) arrays, sum(dy) and      \
+    /* stats: the forward's 4 (G, C) arrays; sums: workspace for 2 (G, C) arrays, sum(dy) and      \
      * sum(dy * (x - mean)); grad_w, grad_b: (C,) outputs, or NULL when not needed. If dx is not   \
      * NULL it gets the input gradient dx = A dy + B (x - mean) + D, A = w invstd,                 \
      * B = -A invstd^2 sum(dy (x - mean)) / M, D = -A sum(dy) / M (M values per ghost batch and    \
