@@ -171,18 +171,17 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         x = x_in.contiguous(memory_format=memory_format)
         compute_dtype = torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
         xc = x.to(compute_dtype)
-        shape = _param_shape(channels_last)
-        w = None if weight is None else weight.to(compute_dtype).view(shape)
-        b = None if bias is None else bias.to(compute_dtype).view(shape)
+        w = None if weight is None else weight.to(compute_dtype).contiguous()
+        b = None if bias is None else bias.to(compute_dtype).contiguous()
+        out = torch.empty_like(xc)  # written through views: the output itself is no view
         ctx.ghost_batch_size = ghost_batch_size
         ctx.eps = eps
         ctx.kernel = _cpu_kernel.usable(xc)
         if ctx.kernel:  # fused C kernels (see _cpu_kernel.py): one pass per direction over memory
-            out = torch.empty_like(xc)  # written through a 3-d view: the output is no view
             stats = _cpu_kernel.forward(
                 _to_3d(xc, channels_last).contiguous(),
-                None if w is None else w.reshape(-1).contiguous(),
-                None if b is None else b.reshape(-1).contiguous(),
+                w,
+                b,
                 ghost_batch_size,
                 eps,
                 channels_last,
@@ -192,7 +191,9 @@ class _GhostBatchNormFunction(torch.autograd.Function):
             mean, var = stats[0], stats[1]
             ctx.mark_non_differentiable(mean, var)
             return out.to(x.dtype), mean, var
-        out = torch.empty_like(xc)
+        shape = _param_shape(channels_last)
+        w = None if w is None else w.view(shape)
+        b = None if b is None else b.view(shape)
         dims = _reduce_dims(channels_last)
         means, invstds, variances = [], [], []
         # At most two groups: the ghost batches that fill the batch, then the shorter last one.
@@ -321,16 +322,12 @@ def _ghost_forward_ops(
     return y, torch.cat(means), torch.cat(variances)
 
 
-def _ghost_normalize_autograd(x: Tensor, weight, bias, ghost_batch_size: int, eps: float) -> Tensor:
-    return _ghost_forward_ops(x, weight, bias, ghost_batch_size, eps)[0]
-
-
 def _double_backward(ctx, x, weight, bias, grad_out):
     inputs = [
         t for t, needed in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True) if needed
     ]
     with torch.enable_grad():
-        y = _ghost_normalize_autograd(x, weight, bias, ctx.ghost_batch_size, ctx.eps)
+        y = _ghost_forward_ops(x, weight, bias, ctx.ghost_batch_size, ctx.eps)[0]
     grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True))
     grad_inputs = tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3])
     return grad_inputs + (None, None)
@@ -380,9 +377,18 @@ def _update_running_stats(
         new_var = (n0 * running_var.to(dtype) + batch_var_unbiased.sum(0)) / (n0 + k)
     else:
         m = float(momentum)
+        decay = (1.0 - m) ** k
+        if _eager_cpu_update(running_mean, running_var, batch_mean, momentum):
+            # The same weights from Python numbers and two fused in-place ops: cheaper per call.
+            # (Under torch.compile k may be symbolic, hence the tensor form below.)
+            weights = batch_mean.new_tensor([m * (1.0 - m) ** (k - 1 - i) for i in range(k)])
+            running_mean.addmv_(batch_mean.t(), weights, beta=decay)
+            running_var.addmv_(batch_var_unbiased.t(), weights, beta=decay)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(k)
+            return
         exponents = torch.arange(k - 1, -1, -1, dtype=dtype, device=batch_mean.device)
         weights = (m * (1.0 - m) ** exponents).unsqueeze(1)
-        decay = (1.0 - m) ** k
         new_mean = decay * running_mean.to(dtype) + (weights * batch_mean).sum(0)
         new_var = decay * running_var.to(dtype) + (weights * batch_var_unbiased).sum(0)
     running_mean.copy_(new_mean)
@@ -394,7 +400,7 @@ def _update_running_stats(
 def _eager_cpu_update(
     running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, momentum: float | None
 ) -> bool:
-    """Whether the running statistics can take the eager CPU fast path (same dtype, a momentum)."""
+    """Whether ``_update_running_stats`` can take its eager CPU path (same dtype, a momentum)."""
     return (
         momentum is not None
         and batch_mean.device.type == "cpu"
@@ -503,37 +509,20 @@ def ghost_batch_norm(
     if track:
         n, k = x.shape[0], batch_mean.shape[0]
         values_per_sample = math.prod(x.shape[2:])
-        full = ghost_batch_size * values_per_sample  # values per (ghost batch, channel)
+        full = ghost_batch_size * values_per_sample
         last = (n - (k - 1) * ghost_batch_size) * values_per_sample
+        # Values per (ghost batch, channel), built on the stats' device: no host-to-device copy.
+        counts = torch.full((k, 1), full, dtype=batch_var.dtype, device=batch_var.device)
+        counts[-1] = last
         with torch.no_grad():
-            if _eager_cpu_update(running_mean, running_var, batch_mean, momentum):
-                # The closed form below with the weights computed in Python: two fused ops.
-                m = float(momentum)
-                weights = [m * (1.0 - m) ** (k - 1 - i) for i in range(k)]
-                unbiased = [full / (full - 1)] * (k - 1) + [last / (last - 1)]
-                decay = (1.0 - m) ** k
-                new = batch_mean.new_tensor
-                running_mean.addmv_(batch_mean.t(), new(weights), beta=decay)
-                running_var.addmv_(
-                    batch_var.t(),
-                    new([w * u for w, u in zip(weights, unbiased, strict=True)]),
-                    beta=decay,
-                )
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(k)
-            else:
-                # Values per (ghost batch, channel), built on the stats' device: no host-to-device
-                # copy, and no Python numbers that torch.compile would have to guard on.
-                counts = torch.full((k, 1), full, dtype=batch_var.dtype, device=batch_var.device)
-                counts[-1] = last
-                _update_running_stats(
-                    running_mean,
-                    running_var,
-                    batch_mean,
-                    batch_var * counts / (counts - 1),  # unbiased, as nn.BatchNorm stores
-                    momentum,
-                    num_batches_tracked,
-                )
+            _update_running_stats(
+                running_mean,
+                running_var,
+                batch_mean,
+                batch_var * counts / (counts - 1),  # unbiased, as nn.BatchNorm stores
+                momentum,
+                num_batches_tracked,
+            )
     return y
 
 
