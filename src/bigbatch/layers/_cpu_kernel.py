@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bigbatch.fileio import atomic_write_bytes
 from bigbatch.machine import cpu_name
 
 __all__ = ["available", "backward", "disabled", "forward", "status", "usable"]
@@ -78,26 +79,20 @@ def _compiler_identity(compiler: list[str]) -> str:
 
 
 def _build(source: bytes, target: Path, compiler: list[str]) -> None:
-    """Compile ``source`` to ``target`` atomically (a concurrent build of the same key is fine)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Compile ``source`` in a scratch directory, then write the library to ``target`` atomically
+    (``fileio.atomic_write_bytes``: a concurrent build of the same key is fine)."""
     with tempfile.TemporaryDirectory(prefix="bigbatch-build-") as tmp:
-        src = Path(tmp) / "ghost_bn_cpu.c"
+        src, built = Path(tmp) / "ghost_bn_cpu.c", Path(tmp) / "ghost_bn_cpu.so"
         src.write_bytes(source)
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            result = subprocess.run(
-                [*compiler, *_FLAGS, str(src), "-o", partial, "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=_BUILD_TIMEOUT_S,
-            )
-            if result.returncode != 0:
-                raise OSError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
+        result = subprocess.run(
+            [*compiler, *_FLAGS, str(src), "-o", str(built), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+        )
+        if result.returncode != 0:
+            raise OSError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
+        atomic_write_bytes(target, built.read_bytes())
 
 
 def _declare(lib: ctypes.CDLL) -> None:
