@@ -33,3 +33,22 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def torch_without_batchnorm_bias(monkeypatch):
+    """Make this torch behave like one whose _BatchNorm.__init__ has no ``bias=`` (torch 2.11, seen
+    on a GPU machine): passing it raises TypeError, and bigbatch's feature flag says so."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from bigbatch.layers import ghost_bn
+
+    original = _BatchNorm.__init__
+
+    def old_init(self, *args, **kwargs):
+        if "bias" in kwargs:
+            raise TypeError("_BatchNorm.__init__() got an unexpected keyword argument 'bias'")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_BatchNorm, "__init__", old_init)
+    monkeypatch.setattr(ghost_bn, "_BN_TAKES_BIAS", False)

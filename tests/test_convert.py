@@ -155,20 +155,8 @@ def test_options_survive():
     assert revert_ghost_batchnorm(no_bias).bias is None
 
 
-def test_no_bias_round_trip_on_a_torch_without_the_bias_argument(monkeypatch):
+def test_no_bias_round_trip_on_a_torch_without_the_bias_argument(torch_without_batchnorm_bias):
     """Older torch (2.11, seen on a GPU machine): nn.BatchNorm has no bias= argument."""
-    from bigbatch.layers import convert, ghost_bn
-
-    original = nn.modules.batchnorm._BatchNorm.__init__
-
-    def old_init(self, *args, **kwargs):
-        if "bias" in kwargs:
-            raise TypeError("_BatchNorm.__init__() got an unexpected keyword argument 'bias'")
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(nn.modules.batchnorm._BatchNorm, "__init__", old_init)
-    monkeypatch.setattr(convert, "_BN_TAKES_BIAS", False)
-    monkeypatch.setattr(ghost_bn, "_BN_TAKES_BIAS", False)
     bn = nn.BatchNorm2d(3)
     bn.bias = None
     ghost = convert_ghost_batchnorm(bn, 4)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from bigbatch.layers import ghost_bn
 from bigbatch.layers.ghost_bn import (
-    _BN_TAKES_BIAS,
     GhostBatchNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -54,7 +54,7 @@ def _refuse_wrapped(module: nn.Module) -> None:
 
 def _rebuild(module: nn.Module, cls: type[nn.Module], **kwargs) -> nn.Module:
     """A ``cls`` layer holding ``module``'s own Parameter and buffer objects."""
-    if module.bias is None and (_BN_TAKES_BIAS or issubclass(cls, _GhostBatchNorm)):
+    if module.bias is None and (ghost_bn._BN_TAKES_BIAS or issubclass(cls, _GhostBatchNorm)):
         kwargs["bias"] = False  # (older nn.BatchNorm has no bias=; the bias None is copied below)
     new = cls(
         module.num_features,
