@@ -337,7 +337,6 @@ class _Run:
             model=self.model,
             optimizer=self.optimizer,
             weight_distance=self.weight_distance,
-            device=self.device,
             counters=self.counters,
             updates_per_epoch=self.updates_per_epoch,
             num_updates=self.num_updates,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import bigbatch
+from bigbatch.distributed import rank_seed
 from bigbatch.errors import BigBatchError, ConfigError
 from bigbatch.layers import _cpu_kernel
 from bigbatch.machine import cpu_name
@@ -171,8 +172,6 @@ def restore_state(
     elif len(per_rank) == world_size:
         _set_rng_state(per_rank[rank], device)
     else:
-        from bigbatch.distributed import rank_seed
-
         seed = rank_seed(int(state["config"].get("seed", 0)), rank) + state["updates"]
         torch.manual_seed(seed & (2**63 - 1))
     return _Counters(**state["counters"])
@@ -201,18 +200,18 @@ def checkpoint_state(
     model: nn.Module,
     optimizer: Any,
     weight_distance: Any,
-    device: torch.device,
     counters: _Counters,
     updates_per_epoch: int,
     num_updates: int,
     config: RunConfig,
     world_size: int,
     elastic_job_id: Any,
-    rng_per_rank: list[dict[str, Any]] | None = None,
+    rng_per_rank: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The checkpoint: a plain dict, so that ``torch.load(weights_only=True)`` accepts it.
 
-    ``rng_per_rank``: every process's :func:`rng_state` (under DDP), kept beside rank 0's ``rng``.
+    ``rng_per_rank``: every process's :func:`rng_state`, in rank order (this, the main process's,
+    first). The checkpoint keeps rank 0's as ``rng``, and all of them under DDP.
     """
     return {
         "rng_per_rank": rng_per_rank if world_size > 1 else None,
@@ -220,7 +219,7 @@ def checkpoint_state(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "weight_distance": weight_distance.state_dict(),
-        "rng": rng_state(device),
+        "rng": rng_per_rank[0],
         "epoch": counters.updates // updates_per_epoch,
         "step_in_epoch": counters.updates % updates_per_epoch,
         "updates": counters.updates,
