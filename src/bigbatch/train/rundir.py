@@ -304,7 +304,10 @@ def summary(
         "world_size": world_size,
         "torch_version": torch.__version__,
         # Which ghost batch norm code ran on CPU (fused kernels or PyTorch ops): speed differs.
-        "ghost_bn_cpu_kernel": _cpu_kernel.status() if cfg.ghost_batch_size else None,
+        # (Only asked on CPU runs: asking builds the kernels, which a GPU run never uses.)
+        "ghost_bn_cpu_kernel": (
+            _cpu_kernel.status() if cfg.ghost_batch_size and device.type == "cpu" else None
+        ),
         "bigbatch_version": bigbatch.__version__,
         "git_commit": _git_commit(),
     }
