@@ -30,7 +30,7 @@ _EXPORTS = {
     "convert_ghost_batchnorm": "bigbatch.layers.convert",
     "revert_ghost_batchnorm": "bigbatch.layers.convert",
     "Regime": "bigbatch.recipes.regime",
-    "adapt_regime": "bigbatch.recipes.regime",
+    "adapt_regime": "bigbatch.recipes.adapt",
     "scale_lr": "bigbatch.recipes.scaling",
     "WeightDistance": "bigbatch.diagnostics",
     "fit_log": "bigbatch.diagnostics",
