@@ -31,6 +31,7 @@ _EXPORTS = {
     "revert_ghost_batchnorm": "bigbatch.layers.convert",
     "Regime": "bigbatch.recipes.regime",
     "adapt_regime": "bigbatch.recipes.adapt",
+    "RegimeScheduler": "bigbatch.recipes.scheduler",
     "scale_lr": "bigbatch.recipes.scaling",
     "WeightDistance": "bigbatch.diagnostics",
     "fit_log": "bigbatch.diagnostics",

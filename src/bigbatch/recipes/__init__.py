@@ -8,6 +8,9 @@ small-batch set-up into the large-batch one in one call.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from bigbatch.recipes.adapt import (
     adapt_regime,
     format_adaptation_table,
@@ -31,3 +34,17 @@ __all__ = [
     "scale_lr",
     "updates_per_epoch",
 ]
+
+# These need torch at import time; loaded on first use (PEP 562) so that the regime data, which
+# the CLI reads before it trains anything, stays importable without it.
+_LAZY = {"RegimeScheduler": "bigbatch.recipes.scheduler"}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bigbatch.recipes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
