@@ -32,6 +32,8 @@ _EXPORTS = {
     "Regime": "bigbatch.recipes.regime",
     "adapt_regime": "bigbatch.recipes.adapt",
     "RegimeScheduler": "bigbatch.recipes.scheduler",
+    "LargeBatchSetup": "bigbatch.recipes.loops",
+    "large_batch": "bigbatch.recipes.loops",
     "scale_lr": "bigbatch.recipes.scaling",
     "WeightDistance": "bigbatch.diagnostics",
     "fit_log": "bigbatch.diagnostics",

@@ -37,7 +37,11 @@ __all__ = [
 
 # These need torch at import time; loaded on first use (PEP 562) so that the regime data, which
 # the CLI reads before it trains anything, stays importable without it.
-_LAZY = {"RegimeScheduler": "bigbatch.recipes.scheduler"}
+_LAZY = {
+    "RegimeScheduler": "bigbatch.recipes.scheduler",
+    "LargeBatchSetup": "bigbatch.recipes.loops",
+    "large_batch": "bigbatch.recipes.loops",
+}
 __all__ += list(_LAZY)
 
 
