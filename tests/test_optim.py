@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_regime import PAPER_LIKE, paper_like
 
 from bigbatch.errors import ConfigError
 from bigbatch.recipes import Regime, apply_settings, build_optimizer
 from bigbatch.recipes.optim import SCALE_KEY
-
-PAPER_LIKE = {
-    "optimizer": "SGD",
-    "epochs": 5,
-    "phases": [
-        {"epoch": 0, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-        {"epoch": 3, "lr": 0.01},
-        {"epoch": 4, "lr": 0.001},
-    ],
-}
-
-
-def paper_like(**changes) -> dict:
-    return {**PAPER_LIKE, **changes}
 
 
 # -- optimizer ------------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ small-batch set-up into the large-batch one in one call.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from bigbatch._lazy import lazy_getattr
 from bigbatch.recipes.adapt import (
     adapt_regime,
     format_adaptation_table,
@@ -45,10 +43,4 @@ _LAZY = {
 __all__ += list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bigbatch.recipes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("bigbatch.recipes", _LAZY, globals())
