@@ -126,3 +126,13 @@ def test_one_group_equal_to_the_defaults_gets_the_settings_exactly():
         settings = r.settings_at(step / 10)
         apply_settings(opt, settings)
         assert {k: opt.param_groups[0][k] for k in settings} == settings
+
+
+def test_an_only_group_follows_the_regime_even_after_a_foreign_change():
+    # A checkpoint from before the ratios existed (the engine's, at lr 0.01 in phase 2) loaded into
+    # a fresh optimizer: its lr differs from the defaults but is no choice of the user's.
+    r = Regime.from_dict(PAPER_LIKE)
+    opt = build_optimizer(_params(), r)
+    opt.param_groups[0]["lr"] = 0.01
+    apply_settings(opt, r.settings_at(4.5))
+    assert opt.param_groups[0]["lr"] == 0.001

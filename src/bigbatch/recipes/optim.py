@@ -13,9 +13,10 @@ with ``weight_decay=0`` under a default of 5e-4 stays at 0, and a group equal to
 only group of a plain ``SGD(model.parameters(), ...)``) gets the regime's values exactly. A group
 whose value is not a multiple of the default (a default of 0 and a group value that is not 0, or a
 non-numeric setting such as ``nesterov`` or ``betas`` that differs from the default) keeps its own
-value. The ratio is taken the first time a setting is applied to a group and stored in the group
-under :data:`SCALE_KEY`, so it survives a regime value of 0 at some phase (lr 0, weight decay
-switched off for a while) and travels with ``optimizer.state_dict()`` into a resumed run.
+value. The only group of an optimizer always gets the regime's values exactly. The ratio is taken
+the first time a setting is applied to a group and stored in the group under :data:`SCALE_KEY`,
+so it survives a regime value of 0 at some phase (lr 0, weight decay switched off for a while)
+and travels with ``optimizer.state_dict()`` into a resumed run.
 """
 
 from __future__ import annotations
@@ -124,12 +125,16 @@ def _group_scales(optimizer: torch.optim.Optimizer, keys: Iterable[str]) -> list
     Returns:
         One ``{setting: ratio or None}`` dict per param group (the stored dicts themselves).
     """
+    # An only group equals the defaults when it is built; if it differs now, a schedule or a
+    # checkpoint from before this ratio existed changed it, and it follows the regime exactly.
+    only = len(optimizer.param_groups) == 1
     scales = []
     for group in optimizer.param_groups:
         scale = group.setdefault(SCALE_KEY, {})
         for key in keys:
             if key not in scale:
-                scale[key] = _ratio(group[key], optimizer.defaults.get(key, group[key]))
+                default = optimizer.defaults.get(key, group[key])
+                scale[key] = 1.0 if only else _ratio(group[key], default)
         scales.append(scale)
     return scales
 
