@@ -136,3 +136,19 @@ def test_bad_arguments_are_named():
     scheduler = RegimeScheduler(sgd, BASE, 3)
     with pytest.raises(ValueError, match="takes no epoch"):
         scheduler.step(3)
+
+
+def test_any_setting_the_regime_names_and_a_tensor_lr():
+    regime = Regime.from_dict({"optimizer": "Adam", "epochs": 2, "phases": [
+        {"epoch": 0, "lr": 1e-3, "betas": [0.9, 0.999]},
+        {"epoch": 1, "lr": 1e-4, "betas": [0.5, 0.9]}]})
+    lr = torch.tensor(1e-3)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+    scheduler = RegimeScheduler(opt, regime, 2)
+    for _ in range(2):
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["betas"] == (0.5, 0.9)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(1e-4)
+    last = scheduler.get_last_lr()[0]
+    assert last is not lr and float(last) == pytest.approx(1e-4)  # a copy, as torch's schedulers

@@ -105,6 +105,9 @@ class LargeBatch(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"LargeBatch drives one optimizer; configure_optimizers returned "
                              f"{len(trainer.optimizers)}")
+        if not math.isfinite(trainer.num_training_batches):
+            raise ValueError("LargeBatch counts updates per epoch: give the Trainer a training "
+                             "dataloader with a length (not an endless IterableDataset)")
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         # updates = epochs x updates per epoch, counted the way the trainer will run them
         self.num_updates = num_updates(self.regime, per_epoch, 1)
