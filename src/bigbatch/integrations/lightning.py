@@ -52,8 +52,9 @@ class LargeBatch(Callback):
       paper's diffusion diagnostic, :class:`~bigbatch.diagnostics.WeightDistance`) and ``lr`` are
       logged through the module's logger.
 
-    The scheduler and the w_0 snapshot are saved in Lightning checkpoints, so
-    ``trainer.fit(..., ckpt_path=...)`` continues the schedule exactly. Param groups keep their
+    ``trainer.fit(..., ckpt_path=...)`` continues the schedule exactly: the optimizer state
+    (with each group's ratio to the defaults) and the step count come back with Lightning's
+    checkpoint, and the w_0 snapshot with this callback's state. Param groups keep their
     values relative to the optimizer's defaults (see :func:`~bigbatch.recipes.apply_settings`).
 
     Args:
@@ -112,9 +113,10 @@ class LargeBatch(Callback):
         # updates = epochs x updates per epoch, counted the way the trainer will run them
         self.num_updates = num_updates(self.regime, per_epoch, 1)
         self.scheduler = RegimeScheduler(trainer.optimizers[0], self.regime, per_epoch)
-        state = self._loaded.get("scheduler") or self.scheduler.state_dict()
-        # Lightning's step count is the truth (a checkpoint made without this callback has none).
-        self.scheduler.load_state_dict({**state, "last_epoch": trainer.global_step})
+        # Resuming: Lightning restored the optimizer (each group's ratio to the defaults with it)
+        # and its step count, which is where the schedule continues.
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(),
+                                        "last_epoch": trainer.global_step})
         self.weight_distance = WeightDistance(pl_module)
         if "weight_distance" in self._loaded:
             self.weight_distance.load_state_dict(self._loaded["weight_distance"])
@@ -141,12 +143,11 @@ class LargeBatch(Callback):
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
-        """The scheduler's state and the w_0 snapshot (plain data and tensors)."""
-        if self.scheduler is None:
+        """The w_0 snapshot of the weight distance (tensors), for a resumed run's logs."""
+        if self.weight_distance is None:
             return dict(self._loaded)
-        return {"scheduler": self.scheduler.state_dict(),
-                "weight_distance": self.weight_distance.state_dict()}
+        return {"weight_distance": self.weight_distance.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep a checkpoint's state until training starts (the optimizer exists only then)."""
+        """Keep a checkpoint's state until training starts (the module's weights are final then)."""
         self._loaded = dict(state_dict)
