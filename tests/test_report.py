@@ -15,16 +15,11 @@ import tomli_w
 
 from bigbatch.errors import ConfigError
 from bigbatch.report import write_report
-from bigbatch.report.tables import (
-    ARM_SLUGS,
-    ARMS,
-    arm_rows,
-    diffusion_fit,
-    initial_phase_end,
-    load_grid,
-    narrative,
-    table_cells,
-)
+from bigbatch.report.diffusion import diffusion_fit, initial_phase_end
+from bigbatch.report.grid import load_grid
+from bigbatch.report.prose import narrative
+from bigbatch.report.stats import arm_rows, table_cells
+from bigbatch.reproduce import ARM_SLUGS, ARMS
 
 PAPER = {"SB": 87.8, "LB": 83.95, "LB+LR": 86.15, "LB+LR+GBN": 86.4, "LB+LR+GBN+RA": 88.2,
          "source": "Table 1, recalled"}  # fmt: skip
@@ -57,8 +52,13 @@ def write_run(
     b: float = 0.5,
     wall_time_s: float = 10.0,
     samples_per_s: float = 1000.0,
+    lr_scaling: str = "sqrt",
 ) -> Path:
-    """A run dir in the engine's format; ||w_t - w_0|| = a + b ln t before the first lr drop."""
+    """A run dir in the engine's format; ||w_t - w_0|| = a + b ln t before the first lr drop.
+
+    The training throughput of evaluation interval e is ``interval_rate(samples_per_s, e)``;
+    summary.json's samples_per_s counts the evaluations too (samples / wall time), as the engine's.
+    """
     run = grid_dir / ARM_SLUGS[arm] / f"seed{seed}"
     run.mkdir(parents=True)
     drop_update = drop_update or updates // 2
@@ -71,7 +71,7 @@ def write_run(
             {"updates": u, "epoch": e, "samples": u * 100, "lr": lr if u < drop_update else lr / 10,
              "train_loss": 0.5, "train_error_pct": train_error + 20 * (1 - frac), "val_loss": 0.6,
              "val_error_pct": val_error + 20 * (1 - frac), "weight_distance": a + b * math.log(u),
-             "wall_time_s": wall_time_s * frac, "samples_per_s": samples_per_s}
+             "wall_time_s": wall_time_s * frac, "samples_per_s": interval_rate(samples_per_s, e)}
         )  # fmt: skip
     _write_csv(run / "metrics.csv", METRIC_KEYS, metrics)
     diffusion = []
@@ -87,24 +87,36 @@ def write_run(
         "status": "complete", "seed": seed, "model": "f1", "dataset": "fashion-mnist",
         "batch_size": 128 if arm == "SB" else 4096, "base_batch_size": 128,
         "ghost_batch_size": 128 if "GBN" in arm else None,
-        "lr_scaling": "sqrt" if "LR" in arm else "none", "regime_adaptation": "RA" in arm,
+        "lr_scaling": lr_scaling if "LR" in arm else "none", "regime_adaptation": "RA" in arm,
         "epochs": epochs, "updates": updates, "samples": updates * 100,
         "final_val_error_pct": val_error, "best_val_error_pct": val_error - 0.1,
         "final_train_error_pct": train_error, "wall_time_s": wall_time_s,
-        "samples_per_s": samples_per_s, "device": "cpu", "torch_version": "2.13.0+cpu",
+        "samples_per_s": updates * 100 / wall_time_s, "device": "cpu",
+        "torch_version": "2.13.0+cpu",
         "bigbatch_version": "0.1.0", "git_commit": "abc1234",
     }  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
 
-def write_grid_toml(grid_dir: Path, paper: dict | None = PAPER) -> None:
+def interval_rate(samples_per_s: float, epoch: int) -> float:
+    return samples_per_s * (1.5 if epoch % 2 else 1.0)
+
+
+REGIME = {"epochs": 5, "phases": [{"epoch": 0, "lr": 0.1, "momentum": 0.9},
+                                  {"epoch": 3, "lr": 0.01}, {"epoch": 4, "lr": 0.001}]}  # fmt: skip
+
+
+def write_grid_toml(grid_dir: Path, paper: dict | None = PAPER, lr_scaling: str = "sqrt",
+                    **extra) -> None:  # fmt: skip
     preset = {
         "name": "synthetic-test",
         "description": "numbers written by the test",
-        "base": {"model": "f1", "dataset": "fashion-mnist", "base_batch_size": 128},
+        "base": {"model": "f1", "dataset": "fashion-mnist", "base_batch_size": 128,
+                 "regime": REGIME},
         "grid": {"seeds": SEEDS, "arms": list(ARMS), "large_batch_size": 4096,
-                 "ghost_batch_size": 128},
+                 "ghost_batch_size": 128, "lr_scaling": lr_scaling},
+        **extra,
     }  # fmt: skip
     if paper:
         preset["paper"] = paper
@@ -131,16 +143,23 @@ UPDATES = {"SB": 640, "LB": 20, "LB+LR": 20, "LB+LR+GBN": 20, "LB+LR+GBN+RA": 64
 EPOCHS = {"SB": 5, "LB": 5, "LB+LR": 5, "LB+LR+GBN": 5, "LB+LR+GBN+RA": 160}
 
 
-def make_grid(grid_dir: Path, errors: dict, paper: dict | None = PAPER) -> Path:
-    write_grid_toml(grid_dir, paper)
+def make_grid(grid_dir: Path, errors: dict, paper: dict | None = PAPER, lr_scaling: str = "sqrt",
+              **extra) -> Path:  # fmt: skip
+    write_grid_toml(grid_dir, paper, lr_scaling, **extra)
     for arm, (val, train) in errors.items():
         for seed in SEEDS:
             write_run(
                 grid_dir, arm, seed, val_error=val[seed], train_error=train[seed],
                 updates=UPDATES[arm], epochs=EPOCHS[arm],
                 wall_time_s=10.0 + seed + UPDATES[arm] / 10, samples_per_s=1000.0 + 100 * seed,
+                lr_scaling=lr_scaling,
             )  # fmt: skip
     return grid_dir
+
+
+def _train_throughput(rate: float, epochs: int) -> float:
+    """Equal-sized intervals at interval_rate(rate, e): their harmonic mean."""
+    return epochs / sum(1 / interval_rate(rate, e) for e in range(1, epochs + 1))
 
 
 def _text(grid_dir: Path) -> str:
@@ -165,13 +184,17 @@ def test_table_values_equal_the_runs(tmp_path):
         assert row.best_val_error_mean == pytest.approx(mean - 0.1)
         assert row.updates == UPDATES[arm] and row.epochs == EPOCHS[arm]
         assert row.wall_time_s == pytest.approx(11.0 + UPDATES[arm] / 10)
-        assert row.samples_per_s == pytest.approx(1100.0)
+        # training samples / training time over the intervals (not summary.json's samples / wall)
+        per_seed = [_train_throughput(1000.0 + 100 * s, EPOCHS[arm]) for s in SEEDS]
+        assert row.train_samples_per_s == pytest.approx(np.mean(per_seed))
         line = next(li for li in md.splitlines() if li.startswith(f"| {arm} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == f"{mean:.2f} ± {std:.2f}"
-        assert cells[2] == f"{100 - mean:.2f}"
-        assert cells[3] == f"{PAPER[arm]:.2f}"  # the paper's accuracy beside ours
-        assert cells[6] == "3" and cells[7] == str(UPDATES[arm]) and cells[8] == str(EPOCHS[arm])
+        assert cells[2] == f"{PAPER[arm]:.2f}"  # the paper's accuracy beside ours
+        assert cells[5] == "3" and cells[6] == str(UPDATES[arm]) and cells[7] == str(EPOCHS[arm])
+        assert cells[9] == f"{np.mean(per_seed):.0f}"
+    assert "val accuracy" not in md  # 100 - error without a spread: dropped
+    assert "train samples/s (eval excluded)" in md
     html = html_path.read_text()
     assert "87.80" in html and "paper accuracy %" in html
     assert "The paper reports 87.80 % (SB) and 83.95 % (LB)" in md and "Table 1, recalled" in md
@@ -180,7 +203,7 @@ def test_table_values_equal_the_runs(tmp_path):
 def test_paper_column_absent_without_paper_numbers(tmp_path):
     grid = load_grid(make_grid(tmp_path / "g", GAP_GRID, paper=None))
     header, cells = table_cells(arm_rows(grid))
-    assert "paper accuracy %" not in header and len(cells[0]) == len(header) == 10
+    assert "paper accuracy %" not in header and len(cells[0]) == len(header) == 9
     assert "The paper reports" not in " ".join(narrative(grid, arm_rows(grid), {}))
 
 
@@ -220,7 +243,7 @@ def test_missing_and_incomplete_runs_are_reported(tmp_path):
     rows = {r.arm: r for r in arm_rows(load_grid(grid_dir))}
     assert rows["SB"].seeds == [0, 1] and rows["LB"].seeds == [0, 2]
     line = next(li for li in md.splitlines() if li.startswith("| SB |"))
-    assert [c.strip() for c in line.strip("|").split("|")][6] == "2/3"  # seeds: 2 of 3 complete
+    assert [c.strip() for c in line.strip("|").split("|")][5] == "2/3"  # seeds: 2 of 3 complete
     assert rows["LB"].val_error_mean == pytest.approx(np.mean([17.0, 16.9]))
 
 
@@ -266,8 +289,8 @@ def test_html_is_self_contained_and_parses(tmp_path):
     parser.feed(text)
     parser.close()
     tags = [t for t, _ in parser.tags]
-    assert tags.count("table") == 1
-    assert tags.count("tr") == 1 + len(ARMS)
+    assert tags.count("table") == 2  # the results and what each arm changes
+    assert tags.count("tr") == 2 * (1 + len(ARMS))
     images = [a for t, a in parser.tags if t == "img"]
     assert len(images) >= 3
     for attrs in images:

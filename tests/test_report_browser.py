@@ -16,7 +16,7 @@ from PIL import Image
 from test_report import GAP_GRID, make_grid
 
 from bigbatch.report import write_report
-from bigbatch.report.tables import ARMS
+from bigbatch.reproduce import ARMS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")

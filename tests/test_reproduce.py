@@ -11,7 +11,8 @@ import pytest
 
 from bigbatch import reproduce
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.report.tables import arm_rows, load_grid
+from bigbatch.report.grid import load_grid
+from bigbatch.report.stats import arm_rows
 from bigbatch.reproduce import ARM_SLUGS, ARMS, arm_configs, list_presets, load_preset, run_grid
 
 if sys.version_info >= (3, 11):

@@ -1,0 +1,84 @@
+"""Reading a preset file: names, TOML parsing, key checks with a did-you-mean, seed lists.
+
+The generic half of the preset schema (documented in :mod:`bigbatch.reproduce`, which validates
+the tables against the grid's arms and the engine's RunConfig).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bigbatch.errors import ConfigError
+from bigbatch.fileio import tomllib
+
+__all__ = ["PRESETS_DIR", "check_keys", "list_presets", "parse_seeds", "positive_int",
+           "read_preset", "suggest"]  # fmt: skip
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """``"did you mean 'x'? "`` for the closest of ``choices``, or ``""``."""
+    hint = difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean {hint[0]!r}? " if hint else ""
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with bigbatch (``paper-*`` rows of Table 1 and ``demo``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def read_preset(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+    """The raw TOML tables of a shipped preset name or a file path, and the default name."""
+    text_name = str(name_or_path)
+    is_path = isinstance(name_or_path, Path) or text_name.endswith(".toml") or "/" in text_name
+    if is_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"preset file {text_name!r} not found")
+    else:
+        path = PRESETS_DIR / f"{text_name}.toml"
+        if not path.is_file():
+            names = list_presets()
+            raise ConfigError(
+                f"unknown preset {text_name!r}; {suggest(text_name, names)}"
+                f"available presets: {', '.join(names)} (or pass the path of a .toml file)"
+            )
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")), path.stem
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read preset {str(path)!r}: {e}") from None
+
+
+def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse a key of ``table`` not in ``allowed``, naming the closest allowed one."""
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key {key!r} in {where}; {suggest(key, list(allowed))}"
+                f"allowed: {', '.join(allowed)}"
+            )
+
+
+def positive_int(value: Any, key: str, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum`` (not a bool), else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"[grid] {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """A seed count n (seeds 0..n-1) or an explicit list of distinct seeds >= 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return list(range(positive_int(value, "seeds")))
+    if isinstance(value, (list, tuple)) and value:
+        seeds = [positive_int(s, "seeds", minimum=0) for s in value]
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds repeat a value: {list(value)}")
+        return seeds
+    raise ConfigError(f"seeds must be a count >= 1 or a non-empty list of seeds, got {value!r}")
+
+
