@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -214,7 +216,12 @@ def test_paragraph_follows_the_numbers(tmp_path):
     assert "a generalization gap" in gap
     assert "LB+LR+GBN+RA closes the gap" in gap
     assert "Arms within SB's seed spread: LB+LR+GBN+RA." in gap
-    assert "LB+LR recovers" in gap and "LB+LR+GBN recovers" in gap
+    lr = np.mean(GAP_GRID["LB+LR"][0])
+    share = 100 * (lb - lr) / (lb - sb)
+    assert (f"LB+LR recovers {share:.0f}% of the gap but still ends {lr - sb:.2f} points worse "
+            f"than SB ({lb - lr:.2f} points better than LB)") in gap  # fmt: skip
+    assert "LB+LR+GBN recovers" in gap
+    assert "points from SB" not in gap and not re.search(r"[+-]\d", gap)  # words, not signs
 
     none = _text(make_grid(tmp_path / "none", NO_GAP_GRID))
     assert "no clear generalization gap" in none
@@ -228,6 +235,37 @@ def test_remedy_below_lb_is_stated_honestly(tmp_path):
     assert "LB+LR is below LB" in text
     assert "only 20 updates the sqrt-scaled lr 0.1 is unstable" in text
     assert "LB+LR recovers" not in text
+
+
+def test_a_linear_scaling_grid_is_described_as_linear(tmp_path):
+    errors = dict(GAP_GRID)
+    errors["LB+LR"] = ([40.0, 55.0, 47.0], [38.0, 52.0, 45.0])
+    grid_dir = make_grid(tmp_path / "g", errors, lr_scaling="linear", differences=[])
+    md = write_report(grid_dir)[0].read_text()
+    assert "only 20 updates the linear-scaled lr 0.1 is unstable" in md
+    assert "+LR with linear lr scaling" in md
+    for sqrt_rule in ("sqrt-scaled", "sqrt lr", "| sqrt |"):  # no sentence or cell assumes it
+        assert sqrt_rule not in md
+    line = next(li for li in md.splitlines() if li.startswith("| LB+LR | lr (peak)"))
+    assert [c.strip() for c in line.strip("|").split("|")][4:6] == ["3.2", "linear"]  # 0.1 × 32
+
+
+def test_arm_table_says_what_each_arm_changes(tmp_path):
+    grid_dir = make_grid(tmp_path / "g", GAP_GRID)
+    md = write_report(grid_dir)[0].read_text()
+    table = md.split("## What each arm changes")[1]
+    rows = {li.split("|")[1].strip(): [c.strip() for c in li.strip("|").split("|")][1:]
+            for li in table.splitlines() if li.startswith("| ") and "---" not in li}  # fmt: skip
+    header = rows.pop("arm")
+    assert header[1:] == ["batch", "ghost batch", "lr (peak)", "lr scaling", "epochs",
+                          "lr drops at epochs", "warm-up epochs", "updates", "samples"]
+    assert rows["SB"] == ["—", "128", "none", "0.1", "none", "5", "3, 4", "0", "640", "64000"]
+    assert rows["LB"][0] == "batch, updates, samples" and rows["LB"][1] == "4096"
+    assert rows["LB+LR"][0] == "lr (peak), lr scaling"
+    assert rows["LB+LR"][3] == f"{0.1 * 32 ** 0.5:.4g}"  # sqrt(4096 / 128)
+    assert rows["LB+LR+GBN"][:3] == ["ghost batch", "4096", "128"]
+    assert rows["LB+LR+GBN+RA"][0] == "epochs, lr drops at epochs, updates, samples"
+    assert rows["LB+LR+GBN+RA"][5:7] == ["160", "96, 128"]  # x32, milestones in proportion
 
 
 def test_missing_and_incomplete_runs_are_reported(tmp_path):
@@ -337,3 +375,34 @@ def test_constant_lr_run_is_fitted_over_the_whole_run_and_reported(tmp_path):
     assert math.isinf(fit.end_update)
     text = " ".join(narrative(grid, arm_rows(grid), {"SB": fit}))
     assert "over the whole run (no lr drop)" in text and "0.5 + 1.1·ln t" in text
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).size
+
+
+def test_a_long_arm_gets_a_linear_and_a_log_epoch_axis(tmp_path):
+    from bigbatch.report import plots
+
+    grid = load_grid(make_grid(tmp_path / "g", GAP_GRID))  # RA trains 32x longer
+    both = _png_size(plots.plot_curves(grid, "val_error_pct", "epoch"))
+    log_only = _png_size(plots.plot_curves(grid, "val_error_pct", "updates"))
+    assert both[0] > 1.8 * log_only[0]  # two panels side by side: linear and log epochs
+    short = dict(GAP_GRID)
+    del short["LB+LR+GBN+RA"]
+    grid = load_grid(make_grid(tmp_path / "short", short))
+    assert _png_size(plots.plot_curves(grid, "val_error_pct", "epoch"))[0] < 1.2 * log_only[0]
+    for png in (plots.plot_curves(grid, "val_error_pct", "wall_time_s"), plots.plot_losses(grid),
+                plots.plot_lr_schedules(grid)):  # fmt: skip
+        assert png.startswith(b"\x89PNG")
+
+
+def test_new_figures_are_none_without_data(tmp_path):
+    from bigbatch.report import plots
+
+    write_grid_toml(tmp_path / "g")
+    grid = load_grid(tmp_path / "g")
+    assert plots.plot_curves(grid, "val_error_pct", "wall_time_s") is None
+    assert plots.plot_losses(grid) is None and plots.plot_lr_schedules(grid) is None

@@ -246,10 +246,11 @@ def plot_generalization_gap(rows: list[ArmRow]) -> bytes | None:
         if not math.isnan(r.gap_mean):  # above the higher error bar, so the two never overlap
             ax.annotate(f"gap {r.gap_mean:.1f}", (x[i], tops[i]), ha="center", va="bottom",
                         fontsize=7, xytext=(0, 3), textcoords="offset points")  # fmt: skip
-    ax.set_ylim(0, float(np.nanmax(tops)) * 1.15 if np.nanmax(tops) > 0 else 1)
+    # Headroom above the highest label for the legend, so neither covers a bar or a label.
+    ax.set_ylim(0, float(np.nanmax(tops)) * 1.3 if np.nanmax(tops) > 0 else 1)
     ax.set_xticks(x, [r.arm for r in rows], fontsize=8)
     ax.set_ylabel("error % (final, mean ± std over seeds)")
     ax.set_title("Training vs validation error per arm (generalization gap)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
     return _png(fig)
