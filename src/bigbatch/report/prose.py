@@ -206,17 +206,23 @@ def _gap_verdict(grid: GridData, sb: ArmRow, lb: ArmRow, gap: float, spread: flo
     if gap < -2 * spread and gap < 0:
         return f"LB ends {-gap:.2f} points better than SB {versus}: no generalization gap in " \
             "this setting, so the remedies have nothing to close."  # fmt: skip
-    direction = "worse" if gap > 0 else "better"
-    return f"LB ends {abs(gap):.2f} points {direction} than SB {versus}, within twice the seed " \
+    return f"LB ends {_versus(gap, 'SB')} {versus}, within twice the seed " \
         "spread: no clear generalization gap in this setting, so the remedies have nothing " \
         "to close."  # fmt: skip
+
+
+def _versus(delta: float, other: str) -> str:
+    """``"1.23 points worse than SB"`` for an error difference, in words rather than a sign."""
+    if f"{abs(delta):.2f}" == "0.00":
+        return f"level with {other} (0.00 points apart)"
+    return f"{abs(delta):.2f} points {'worse' if delta > 0 else 'better'} than {other}"
 
 
 def _remedy_sentence(grid: GridData, row: ArmRow, sb: ArmRow, lb: ArmRow, clear_gap: bool) -> str:
     """What one remedy arm does to the gap, with "worse"/"better" said in words, not signs."""
     delta = row.val_error_mean - sb.val_error_mean
     tol = nan0(sb.val_error_std)
-    versus_sb = f"{abs(delta):.2f} points {'worse' if delta > 0 else 'better'} than SB"
+    versus_sb = _versus(delta, "SB")
     if not clear_gap:
         return f"{row.arm} ends {versus_sb}."
     if delta < -tol:
@@ -227,7 +233,7 @@ def _remedy_sentence(grid: GridData, row: ArmRow, sb: ArmRow, lb: ArmRow, clear_
         share = 100 * (lb.val_error_mean - row.val_error_mean) / (lb.val_error_mean
                                                                    - sb.val_error_mean)
         return f"{row.arm} recovers {share:.0f}% of the gap but still ends {versus_sb} " \
-            f"({lb.val_error_mean - row.val_error_mean:.2f} points better than LB)."  # fmt: skip
+            f"({_versus(row.val_error_mean - lb.val_error_mean, 'LB')})."  # fmt: skip
     if row.val_error_mean > lb.val_error_mean + max(tol, nan0(row.val_error_std)):
         return _below_lb(row, lb, grid)
     return f"{row.arm} does not narrow the gap: it ends {versus_sb}, as LB does."
