@@ -14,8 +14,8 @@ from typing import Any
 from bigbatch.errors import ConfigError
 from bigbatch.fileio import tomllib
 
-__all__ = ["PRESETS_DIR", "check_keys", "list_presets", "parse_seeds", "positive_int",
-           "read_preset", "suggest"]  # fmt: skip
+__all__ = ["PRESETS_DIR", "check_keys", "list_presets", "parse_assignment", "parse_seeds",
+           "positive_int", "read_preset", "suggest"]  # fmt: skip
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -82,3 +82,20 @@ def parse_seeds(value: Any) -> list[int]:
     raise ConfigError(f"seeds must be a count >= 1 or a non-empty list of seeds, got {value!r}")
 
 
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` as ``(key, value)``: the value read as TOML, or as a string if it is not.
+
+    Example:
+        >>> parse_assignment("seeds=[0, 1]"), parse_assignment("model=c1")
+        (('seeds', [0, 1]), ('model', 'c1'))
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key or not raw:
+        raise ConfigError(f"a setting must be KEY=VALUE (e.g. epochs=1), got {text!r}")
+    try:
+        return key, tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return key, raw  # a bare word (model=c1, dataset=cifar10) is the string it spells

@@ -62,14 +62,15 @@ from bigbatch.preset_file import (
     PRESETS_DIR,
     check_keys,
     list_presets,
+    parse_assignment,
     parse_seeds,
     positive_int,
     read_preset,
     suggest,
 )
 
-__all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "arm_configs", "list_presets", "load_preset",
-           "preset_differences", "run_grid"]  # fmt: skip
+__all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "apply_settings", "arm_configs", "list_presets",
+           "load_preset", "preset_differences", "run_grid"]  # fmt: skip
 
 log = logging.getLogger("bigbatch.reproduce")
 
@@ -207,26 +208,53 @@ def arm_configs(preset: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 
 def _apply_overrides(preset: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Route flat override keys: grid keys to [grid], RunConfig keys to [base]; None = unset."""
+    """Route flat override keys: [grid] keys to [grid], RunConfig keys to [base]; None = unset.
+
+    A dotted key sets one entry of a [base] table (``model_options.hidden``, ``regime.epochs``).
+    """
     from bigbatch.train.config import RunConfig
 
     fields = list(RunConfig.__dataclass_fields__)
     base, grid = dict(preset["base"]), dict(preset["grid"])
     for key, value in overrides.items():
+        head, _, entry = key.partition(".")
         if value is None:
             continue
-        if key in ("large_batch_size", "ghost_batch_size", "lr_scaling"):
+        if key in _GRID_KEYS:
             grid[key] = value
-        elif key == "seeds":
-            grid["seeds"] = value
         elif key in _ARM_KEYS:
             raise ConfigError(f"override {key!r} is set by each arm; it cannot be overridden")
+        elif entry and head in fields:
+            table = base.get(head) or {}
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{head!r} is not a table, so {key!r} cannot be set")
+            base[head] = {**table, entry: value}
         elif key in fields:
             base[key] = value
         else:
-            allowed = [*fields, "large_batch_size", "ghost_batch_size", "lr_scaling", "seeds"]
+            allowed = [*fields, *_GRID_KEYS]
             raise ConfigError(f"unknown override {key!r}; {suggest(key, allowed)}".rstrip())
     return _validate({**preset, "base": base, "grid": grid}, preset["name"])
+
+
+def apply_settings(preset: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """A resolved preset with ``KEY=VALUE`` settings applied (what ``--set`` passes), validated.
+
+    Keys are [grid] keys (``seeds``, ``arms``, ``large_batch_size``, ``ghost_batch_size``,
+    ``lr_scaling``), RunConfig keys for [base] (``epochs``, ``train_subset`` ...), or a dotted
+    entry of a [base] table (``model_options.hidden``, ``regime.warmup_epochs``). Values are TOML
+    (``1``, ``0.5``, ``[0, 1]``, ``"text"``); a bare word that is not TOML is a string.
+
+    Raises:
+        ConfigError: no ``=``, an unknown key (with a did-you-mean), a key each arm sets itself,
+            or a value the preset's validation refuses.
+
+    Example:
+        >>> demo = apply_settings(load_preset("demo"), ["epochs=1", "seeds=[3]"])
+        >>> demo["base"]["epochs"], demo["grid"]["seeds"]
+        (1, [3])
+    """
+    return _apply_overrides(preset, dict(parse_assignment(a) for a in assignments))
 
 
 def _drop_none(value: Any) -> Any:
@@ -343,7 +371,7 @@ def run_grid(
     original = load_preset(preset)
     changes = {**(overrides or {}), "seeds": seeds, "arms": arms, "device": device,
                "progress": progress}  # fmt: skip
-    resolved = _resolve(original, changes)
+    resolved = _apply_overrides(original, changes)
     old = _check_same_grid(out_dir, resolved)
     from bigbatch.distributed import launcher_rank
 
@@ -368,15 +396,6 @@ def run_grid(
     elapsed = time.perf_counter() - started
     log.info("grid %s: %.1f min; report %s and %s", out_dir, elapsed / 60, md_path, html_path)
     return out_dir
-
-
-def _resolve(preset: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """The preset with run_grid's arguments applied (``arms`` apart: it is not an override)."""
-    arm_list = changes.pop("arms", None)
-    resolved = _apply_overrides(preset, changes)
-    if arm_list is not None:
-        resolved["grid"]["arms"] = _arms(arm_list)
-    return resolved
 
 
 def preset_differences(preset: Mapping[str, Any], grid: Mapping[str, Any]) -> list[str]:
