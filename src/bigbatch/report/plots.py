@@ -153,16 +153,24 @@ def plot_lr_schedules(grid: GridData) -> bytes | None:
             ax.plot(u, lr, color=_COLORS.get(arm), drawstyle="steps-pre", label=arm,
                     linewidth=3.5 - 0.6 * i)  # fmt: skip
             drawn = True
+    if drawn:
+        ax.set_yscale("log")
+    return _finish_log_x(fig, ax, drawn, "updates (log scale)", "learning rate (log scale)",
+                         "Learning-rate schedule of each arm, as logged")  # fmt: skip
+
+
+def _finish_log_x(fig, ax, drawn: bool, xlabel: str, ylabel: str, title: str,
+                  legend_size: int = 8) -> bytes | None:  # fmt: skip
+    """A log x axis, labels, grid and legend, then the PNG; None (figure closed) if not drawn."""
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("updates (log scale)")
-    ax.set_ylabel("learning rate (log scale)")
-    ax.set_title("Learning-rate schedule of each arm, as logged")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     return _png(fig)
 
 
@@ -212,16 +220,13 @@ def plot_diffusion(grid: GridData, fits: dict[str, DiffusionFit]) -> bytes | Non
             )
             if math.isfinite(fit.end_update):
                 ax.axvline(fit.end_update, color=color, alpha=0.3, linestyle="--")
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xscale("log")
-    ax.set_xlabel("updates t (log scale); dashed: first update after the lr drop (fit range ends)")
-    ax.set_ylabel("||w_t − w_0||")
-    ax.set_title("Weight distance from initialisation (fits over the initial high-lr phase)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish_log_x(
+        fig, ax, drawn,
+        "updates t (log scale); dashed: first update after the lr drop (fit range ends)",
+        "||w_t − w_0||",
+        "Weight distance from initialisation (fits over the initial high-lr phase)",
+        legend_size=7,
+    )  # fmt: skip
 
 
 def _max_update(grid: GridData, arm: str) -> float:
