@@ -1,4 +1,4 @@
-"""Reading a preset file: names, TOML parsing, key checks with a did-you-mean, seed lists.
+"""Reading a preset file: names, TOML, key checks with a did-you-mean, seeds, arms, KEY=VALUE.
 
 The generic half of the preset schema (documented in :mod:`bigbatch.reproduce`, which validates
 the tables against the grid's arms and the engine's RunConfig).
@@ -14,10 +14,11 @@ from typing import Any
 from bigbatch.errors import ConfigError
 from bigbatch.fileio import tomllib
 
-__all__ = ["PRESETS_DIR", "check_keys", "list_presets", "parse_assignment", "parse_seeds",
-           "positive_int", "read_preset", "suggest"]  # fmt: skip
+__all__ = ["PRESETS_DIR", "check_keys", "list_presets", "parse_arms", "parse_assignment",
+           "parse_seeds", "positive_int", "read_preset", "suggest", "text_tables"]  # fmt: skip
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+_PAPER_INFO_KEYS = ("source", "metric")
 
 
 def suggest(word: str, choices: list[str]) -> str:
@@ -99,3 +100,42 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         return key, tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
         return key, raw  # a bare word (model=c1, dataset=cifar10) is the string it spells
+
+
+def text_tables(preset: Mapping[str, Any], arms: tuple[str, ...]) -> dict[str, Any]:
+    """The preset's ``paper``, ``evidence`` and ``differences``, checked (each may be empty).
+
+    ``paper``: accuracy % (0-100) per arm, plus ``source`` and ``metric`` text. ``evidence``: a
+    table of text (a bare string is ``{text = ...}``). ``differences``: grid.toml's lines, carried
+    so that a grid.toml used as a preset still says how it differs from the original preset.
+    """
+    paper = dict(preset.get("paper") or {})
+    check_keys(paper, (*arms, *_PAPER_INFO_KEYS), "[paper]")
+    for arm in arms:
+        value = paper.get(arm)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 100):  # fmt: skip
+            raise ConfigError(f"[paper] {arm!r} must be an accuracy in % (0-100), got {value!r}")
+    evidence = preset.get("evidence") or {}
+    if isinstance(evidence, str):
+        evidence = {"text": evidence}
+    if not isinstance(evidence, Mapping) or not all(isinstance(v, str) for v in evidence.values()):
+        raise ConfigError("[evidence] must be a table of text values (text = '...')")
+    differences = preset.get("differences", [])
+    if not isinstance(differences, list) or not all(isinstance(d, str) for d in differences):
+        raise ConfigError("differences must be a list of text lines (grid.toml writes it)")
+    return {"paper": paper, "evidence": dict(evidence), "differences": list(differences)}
+
+
+def parse_arms(value: Any, arms: tuple[str, ...]) -> list[str]:
+    """A non-empty list of distinct names drawn from ``arms``, returned in ``arms``' order."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"arms must be a non-empty list drawn from {list(arms)}, got {value!r}")
+    for arm in value:
+        if arm not in arms:
+            raise ConfigError(
+                f"unknown arm {arm!r}; {suggest(str(arm), list(arms))}arms: {', '.join(arms)}"
+            )
+    if len(set(value)) != len(value):
+        raise ConfigError(f"arms repeat a value: {list(value)}")
+    return [a for a in arms if a in value]  # the paper's order

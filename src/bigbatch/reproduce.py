@@ -62,11 +62,13 @@ from bigbatch.preset_file import (
     PRESETS_DIR,
     check_keys,
     list_presets,
+    parse_arms,
     parse_assignment,
     parse_seeds,
     positive_int,
     read_preset,
     suggest,
+    text_tables,
 )
 
 __all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "apply_settings", "arm_configs", "list_presets",
@@ -94,20 +96,6 @@ _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_ada
 # RunConfig keys that may change between two calls on the same grid (they do not change results).
 _FREE_KEYS = ("device", "progress", "num_workers", "data_dir", "download", "eval_batch_size",
               "checkpoint_every_minutes")  # fmt: skip
-_PAPER_INFO_KEYS = ("source", "metric")
-
-
-def _arms(value: Any) -> list[str]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"arms must be a non-empty list drawn from {list(ARMS)}, got {value!r}")
-    for arm in value:
-        if arm not in ARM_SLUGS:
-            raise ConfigError(
-                f"unknown arm {arm!r}; {suggest(str(arm), list(ARMS))}arms: {', '.join(ARMS)}"
-            )
-    if len(set(value)) != len(value):
-        raise ConfigError(f"arms repeat a value: {list(value)}")
-    return [a for a in ARMS if a in value]  # the paper's order
 
 
 def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
@@ -128,35 +116,18 @@ def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
             raise ConfigError(f"[grid] needs {key}")
         positive_int(grid[key], key, minimum=2)
     grid["seeds"] = parse_seeds(grid.get("seeds", 1))
-    grid["arms"] = _arms(grid.get("arms", list(ARMS)))
+    grid["arms"] = parse_arms(grid.get("arms", list(ARMS)), ARMS)
     grid.setdefault("lr_scaling", "sqrt")
     if grid["lr_scaling"] not in ("sqrt", "linear"):
         raise ConfigError(
             f"[grid] lr_scaling must be 'sqrt' or 'linear', got {grid['lr_scaling']!r}"
         )
-    paper = dict(preset.get("paper") or {})
-    check_keys(paper, (*ARMS, *_PAPER_INFO_KEYS), "[paper]")
-    for arm in ARMS:
-        value = paper.get(arm)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value <= 100):  # fmt: skip
-            raise ConfigError(f"[paper] {arm!r} must be an accuracy in % (0-100), got {value!r}")
-    evidence = preset.get("evidence") or {}
-    if isinstance(evidence, str):
-        evidence = {"text": evidence}
-    if not isinstance(evidence, Mapping) or not all(isinstance(v, str) for v in evidence.values()):
-        raise ConfigError("[evidence] must be a table of text values (text = '...')")
-    differences = preset.get("differences", [])
-    if not isinstance(differences, list) or not all(isinstance(d, str) for d in differences):
-        raise ConfigError("differences must be a list of text lines (grid.toml writes it)")
     resolved = {
         "name": str(preset.get("name", default_name)),
         "description": str(preset.get("description", "")),
         "base": base,
         "grid": grid,
-        "paper": paper,
-        "evidence": dict(evidence),
-        "differences": list(differences),  # carried: a grid.toml used as a preset stays different
+        **text_tables(preset, ARMS),  # paper, evidence, differences
     }
     _base_config(resolved)  # RunConfig validation: unknown keys, models, datasets, the regime
     arm_configs(resolved, seed=grid["seeds"][0])  # arm-specific checks (ghost <= large batch ...)
