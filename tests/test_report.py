@@ -228,6 +228,12 @@ def test_paragraph_follows_the_numbers(tmp_path):
     assert "closes the gap" not in none and "a generalization gap." not in none
 
 
+def test_an_arm_equal_to_sb_is_level_not_better(tmp_path):
+    errors = {**NO_GAP_GRID, "LB+LR": NO_GAP_GRID["SB"]}
+    text = _text(make_grid(tmp_path / "g", errors))
+    assert "LB+LR ends level with SB." in text and "0.00 points better" not in text
+
+
 def test_remedy_below_lb_is_stated_honestly(tmp_path):
     errors = dict(GAP_GRID)
     errors["LB+LR"] = ([40.0, 55.0, 47.0], [38.0, 52.0, 45.0])  # the ×32 demo's +LR collapse

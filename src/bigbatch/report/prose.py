@@ -214,7 +214,7 @@ def _gap_verdict(grid: GridData, sb: ArmRow, lb: ArmRow, gap: float, spread: flo
 def _versus(delta: float, other: str) -> str:
     """``"1.23 points worse than SB"`` for an error difference, in words rather than a sign."""
     if f"{abs(delta):.2f}" == "0.00":
-        return f"level with {other} (0.00 points apart)"
+        return f"level with {other}"  # to the 0.01 points the report shows
     return f"{abs(delta):.2f} points {'worse' if delta > 0 else 'better'} than {other}"
 
 
