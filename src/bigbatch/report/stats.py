@@ -14,6 +14,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.report.grid import GridData, RunData, is_number
 
 __all__ = [
+    "SETTING_COLUMNS",
     "ArmRow",
     "arm_rows",
     "arm_settings",
@@ -211,9 +212,12 @@ def _regimes(grid: GridData) -> dict[str, object]:
 
 
 def arm_settings(grid: GridData) -> list[dict[str, object]]:
-    """What each arm ran with: batch, ghost batch, peak lr and its scaling rule, epochs, lr drops,
-    warm-up (from grid.toml, through :func:`bigbatch.reproduce.arm_configs` and the engine's
-    regime resolution), updates and samples (means over the arm's complete runs).
+    """What each arm ran with, and what it changed from the previous arm.
+
+    Batch, ghost batch, peak lr and its scaling rule, epochs, lr drops and warm-up come from
+    grid.toml through :func:`bigbatch.reproduce.arm_configs` and the engine's own regime
+    resolution (without grid.toml: from the runs' summaries, lr and schedule unknown); updates and
+    samples are means over the arm's complete runs.
 
     Returns:
         One dict per arm with ``arm``, the keys of :data:`SETTING_COLUMNS` (None where unknown)
