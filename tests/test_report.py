@@ -20,7 +20,7 @@ from bigbatch.report import write_report
 from bigbatch.report.diffusion import diffusion_fit, initial_phase_end
 from bigbatch.report.grid import load_grid
 from bigbatch.report.prose import narrative
-from bigbatch.report.stats import arm_rows, table_cells
+from bigbatch.report.stats import arm_rows, arm_settings, table_cells
 from bigbatch.reproduce import ARM_SLUGS, ARMS
 
 PAPER = {"SB": 87.8, "LB": 83.95, "LB+LR": 86.15, "LB+LR+GBN": 86.4, "LB+LR+GBN+RA": 88.2,
@@ -307,6 +307,12 @@ def test_grid_without_grid_toml_is_inferred_from_directories(tmp_path):
     grid = load_grid(grid_dir)
     assert grid.arms == ["SB", "LB"] and grid.seeds == [0, 3]
     assert not grid.missing_runs()
+    # without grid.toml the arm table says what the summaries say, and "—" for the regime
+    settings = {s["arm"]: s for s in arm_settings(grid)}
+    assert settings["LB"]["batch_size"] == 4096 and settings["LB"]["changes"] == ["batch"]
+    assert settings["SB"].get("lr") is None and settings["SB"]["updates"] == 100
+    md = write_report(grid_dir)[0].read_text()
+    assert "| LB | batch | 4096 | none | — | none | 5 | — | — | 100 | 10000 |" in md
 
 
 def test_not_a_grid_directory_is_a_config_error(tmp_path):
