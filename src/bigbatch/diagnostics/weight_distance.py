@@ -26,22 +26,20 @@ __all__ = [
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names we use: DDP/DataParallel and torch.compile wrappers removed.
+    """The module whose parameter names we use: DDP, torch.compile and DataParallel removed.
 
-    Unwrapping by type (not by stripping a ``module.`` prefix from names) keeps names right for a
-    model that happens to own a submodule called ``module``, and makes a snapshot taken before
-    wrapping match one taken after.
+    :func:`bigbatch.distributed.unwrap` removes DDP and ``torch.compile`` by type (not by
+    stripping a ``module.`` prefix from names, which would break a model owning a submodule called
+    ``module``); ``nn.DataParallel``, which it does not know, is removed here.
     """
     from torch.nn import DataParallel
-    from torch.nn.parallel import DistributedDataParallel
 
-    while True:
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+    from bigbatch.distributed import unwrap
+
+    model = unwrap(model)
+    while isinstance(model, DataParallel):
+        model = unwrap(model.module)
+    return model
 
 
 class WeightDistance:
