@@ -57,7 +57,9 @@ class MicroBatchGradNorms:
         if not params:
             raise ValueError("no parameter with requires_grad=True to watch")
         self._device = params[0].device
-        self._current = torch.zeros((), dtype=torch.float32, device=self._device)
+        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) \
+            else torch.float32
+        self._current = torch.zeros((), dtype=self._dtype, device=self._device)
         self._done: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in params]
 
@@ -66,14 +68,14 @@ class MicroBatchGradNorms:
 
         wide = grad.dtype if grad.dtype == torch.float64 else torch.float32
         square = torch.linalg.vector_norm(grad, dtype=wide).square()
-        self._current = self._current + square.to(device=self._device, dtype=torch.float32)
+        self._current = self._current + square.to(device=self._device, dtype=self._dtype)
 
     def end_micro_batch(self) -> None:
         """Close the current micro-batch: its squared norm is kept for :meth:`pop`."""
         import torch
 
         self._done.append(self._current)
-        self._current = torch.zeros((), dtype=torch.float32, device=self._device)
+        self._current = torch.zeros((), dtype=self._dtype, device=self._device)
 
     def pop(self, grad_multiplier: float = 1.0) -> torch.Tensor:
         """The squared norms of the micro-batches since the last call (1-d tensor), and reset.
@@ -131,26 +133,27 @@ class DDPGradNorms:
                              f"{type(model).__name__}; without DDP use MicroBatchGradNorms")
         self._group = model.process_group
         self._world_size = dist.get_world_size(self._group)
-        device = next(model.parameters()).device
-        self._local = torch.zeros((), dtype=torch.float32, device=device)
-        self._global = torch.zeros((), dtype=torch.float32, device=device)
+        first = next(model.parameters())
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self._local = torch.zeros((), dtype=dtype, device=first.device)
+        self._global = torch.zeros((), dtype=dtype, device=first.device)
         model.register_comm_hook(self, DDPGradNorms._hook)
 
     @staticmethod
-    def _hook(state: DDPGradNorms, bucket) -> torch.futures.Future[torch.Tensor]:
+    def _hook(state, bucket):  # no annotations: DDP rejects the strings of postponed ones
         import torch
         import torch.distributed as dist
 
         buffer = bucket.buffer()
         wide = torch.float64 if buffer.dtype == torch.float64 else torch.float32
-        state._local = state._local + torch.linalg.vector_norm(buffer, dtype=wide).square().float()
+        state._local = state._local + torch.linalg.vector_norm(buffer, dtype=wide).square()
         buffer.div_(state._world_size)
         future = dist.all_reduce(buffer, group=state._group, async_op=True).get_future()
 
         def record_global(fut: torch.futures.Future) -> torch.Tensor:
             reduced = fut.value()[0]
             state._global = state._global + torch.linalg.vector_norm(
-                reduced, dtype=wide).square().float()
+                reduced, dtype=wide).square()
             return reduced
 
         return future.then(record_global)

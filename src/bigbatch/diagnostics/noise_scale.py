@@ -79,11 +79,12 @@ def two_batch_estimates(small_sq_norm: float, small_batch_size: float, big_sq_no
 
 
 def squared_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``sum |p.grad|^2`` over the parameters that have a gradient, as a 0-d float32 tensor.
+    """``sum |p.grad|^2`` over the parameters that have a gradient, as a 0-d tensor.
 
     One fused ``torch._foreach_norm`` per device and dtype, then a single sum; nothing is copied
     to the host, so on a GPU this does not synchronise (call ``float()`` when the value is
-    needed). Half-precision gradients are squared and summed in float32.
+    needed). The result is float32, or float64 when a gradient is float64; half-precision
+    gradients are squared and summed in float32.
 
     Example:
         >>> import torch
@@ -103,12 +104,13 @@ def _sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     device = tensors[0].device
+    out = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     parts = []
     for (_, dtype), group in groups.items():
         wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         norms = torch._foreach_norm(group, 2, dtype=wide) if wide != dtype \
             else torch._foreach_norm(group, 2)
-        parts.append(torch.stack(norms).to(device=device, dtype=torch.float32).square().sum())
+        parts.append(torch.stack(norms).to(device=device, dtype=out).square().sum())
     return torch.stack(parts).sum()
 
 
