@@ -50,17 +50,21 @@ def _unknown(where: str, what: str, key: object, allowed: Iterable[str]) -> Conf
 
 @functools.cache
 def _optimizer_class(name: str) -> tuple[type, frozenset[str] | None]:
-    """`torch.optim.<name>` and the keyword settings its constructor takes (None: any, via **kw)."""
+    """`torch.optim.<name>` or one of `recipes.optimizers.OPTIMIZERS` (LARS, LAMB), and the keyword
+    settings its constructor takes (None: any, via **kw)."""
     import torch.optim
+
+    from bigbatch.recipes.optimizers import OPTIMIZERS
 
     def is_optimizer(obj: object) -> bool:
         return (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
                 and obj is not torch.optim.Optimizer)
 
-    cls = getattr(torch.optim, name, None) if isinstance(name, str) else None
+    cls = (OPTIMIZERS.get(name) or getattr(torch.optim, name, None)) if isinstance(name, str) \
+        else None
     if not is_optimizer(cls):
         known = [n for n in dir(torch.optim) if is_optimizer(getattr(torch.optim, n))]
-        raise _unknown("", "optimizer", name, known)
+        raise _unknown("", "optimizer", name, [*OPTIMIZERS, *known])
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return cls, None
