@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from bigbatch.diagnostics.advice import BatchSizeAdvice, advise_batch_size
 from bigbatch.diagnostics.grad_sources import DDPGradNorms, MicroBatchGradNorms
 from bigbatch.diagnostics.noise_scale import (
     GradientNoiseScale,
@@ -30,8 +31,8 @@ from bigbatch.diagnostics.weight_distance import (
 )
 
 __all__ = [
-    "DDPGradNorms", "Fit", "GradientNoiseScale", "LogFit", "MicroBatchGradNorms",
-    "NoiseScaleEstimate", "SqrtFit", "WeightDistance",
+    "BatchSizeAdvice", "DDPGradNorms", "Fit", "GradientNoiseScale", "LogFit",
+    "MicroBatchGradNorms", "NoiseScaleEstimate", "SqrtFit", "WeightDistance", "advise_batch_size",
     "estimate_noise_scale", "fit_log", "fit_sqrt", "log_spaced_updates", "squared_grad_norm",
     "two_batch_estimates",
 ]
