@@ -90,6 +90,23 @@ def test_micro_batch_norms_per_micro_batch_values():
         assert float(got[i]) == pytest.approx(float(flat @ flat), rel=1e-12)
 
 
+def test_micro_batch_norms_can_skip_updates():
+    model = _model()
+    x, y = _batch()
+    norms = MicroBatchGradNorms(model.parameters())
+    norms.enabled = False
+    LOSS(model(x[:8]), y[:8]).backward()
+    norms.end_micro_batch()
+    with pytest.raises(ValueError, match="no micro-batch to report"):
+        norms.pop()  # nothing recorded while disabled
+    norms.enabled = True
+    model.zero_grad()
+    LOSS(model(x[8:16]), y[8:16]).backward()
+    norms.end_micro_batch()
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert norms.pop().tolist() == pytest.approx([float(flat @ flat)], rel=1e-12)
+
+
 def test_micro_batch_norms_errors():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):

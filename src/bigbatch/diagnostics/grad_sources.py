@@ -36,8 +36,16 @@ class MicroBatchGradNorms:
     graph is fine (its hook sees the summed gradient); several backward passes per micro-batch
     (reentrant activation checkpointing) would each count separately, so do not use it there.
 
+    The cost is one norm per parameter per backward (a few % of an update on a CPU, see
+    ``benchmarks/RESULTS.md``); to pay it on some updates only, set :attr:`enabled` to False on the
+    others (the hooks then return at once and :meth:`end_micro_batch` records nothing). The noise
+    scale is an average anyway, so measuring every 4th update changes only how fast it settles.
+
     Args:
         parameters: the parameters to watch (those with ``requires_grad``).
+
+    Attributes:
+        enabled: record micro-batches (True) or skip them; may change between updates.
 
     Example:
         >>> import torch
@@ -59,23 +67,32 @@ class MicroBatchGradNorms:
         self._device = params[0].device
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) \
             else torch.float32
-        self._current = torch.zeros((), dtype=self._dtype, device=self._device)
+        self._norms: list[torch.Tensor] = []  # this micro-batch's, one per parameter
         self._done: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in params]
+        self.enabled = True
 
     def _hook(self, grad: torch.Tensor) -> None:
         import torch
 
-        wide = grad.dtype if grad.dtype == torch.float64 else torch.float32
-        square = torch.linalg.vector_norm(grad, dtype=wide).square()
-        self._current = self._current + square.to(device=self._device, dtype=self._dtype)
+        if not self.enabled:
+            return
+
+        # One reduction per parameter here; squaring and summing wait for end_micro_batch, where
+        # they are one stacked op instead of three small ones per parameter.
+        self._norms.append(torch.linalg.vector_norm(grad, dtype=self._dtype).to(self._device))
 
     def end_micro_batch(self) -> None:
         """Close the current micro-batch: its squared norm is kept for :meth:`pop`."""
         import torch
 
-        self._done.append(self._current)
-        self._current = torch.zeros((), dtype=self._dtype, device=self._device)
+        if not self.enabled:
+            return
+        if self._norms:
+            self._done.append(torch.stack(self._norms).square().sum())
+        else:
+            self._done.append(torch.zeros((), dtype=self._dtype, device=self._device))
+        self._norms = []
 
     def pop(self, grad_multiplier: float = 1.0) -> torch.Tensor:
         """The squared norms of the micro-batches since the last call (1-d tensor), and reset.
