@@ -90,6 +90,27 @@ def test_micro_batch_norms_per_micro_batch_values():
         assert float(got[i]) == pytest.approx(float(flat @ flat), rel=1e-12)
 
 
+def test_unequal_micro_batches_with_per_micro_batch_multipliers():
+    """Micro-batches 16, 8, 8 weighted b_i / B: the mean |g_i|^2 is at the harmonic mean size."""
+    model = _model()
+    x, y = _batch()
+    sizes = [16, 8, 8]
+    norms = MicroBatchGradNorms(model.parameters())
+    singles = []
+    for xs, ys in zip(x.split(sizes), y.split(sizes), strict=True):
+        alone = _model()
+        LOSS(alone(xs), ys).backward()
+        singles.append(float(sum(p.grad.square().sum() for p in alone.parameters())))
+        (LOSS(model(xs), ys) * len(xs) / BATCH).backward()
+        norms.end_micro_batch()
+    got = norms.pop(grad_multiplier=[BATCH / b for b in sizes])
+    assert got.tolist() == pytest.approx(singles, rel=1e-12)
+    with pytest.raises(ValueError, match="2 grad multipliers for 1 micro-batches"):
+        model(x[:4]).sum().backward()
+        norms.end_micro_batch()
+        norms.pop(grad_multiplier=[1.0, 2.0])
+
+
 def test_micro_batch_norms_can_skip_updates():
     model = _model()
     x, y = _batch()

@@ -12,12 +12,29 @@ comes for free in two set-ups:
   :class:`DDPGradNorms` is a communication hook (``model.register_comm_hook``) that squares
   every bucket before the all-reduce and after it.
 
-Both return tensors and never synchronise a GPU until asked for a float.
+Both return tensors and never synchronise a GPU until asked for a float. A loop with ``k``
+micro-batches of ``m`` examples per update (``B = k * m``)::
+
+    norms, noise = MicroBatchGradNorms(model.parameters()), GradientNoiseScale(decay=0.99)
+    for x, y in loader:
+        optimizer.zero_grad()
+        for i, (xs, ys) in enumerate(zip(x.split(m), y.split(m))):
+            with no_sync_context(model, is_last_micro_batch=i == k - 1):
+                (loss_fn(model(xs), ys) / k).backward()
+            norms.end_micro_batch()
+        small = norms.pop(grad_multiplier=k).mean()
+        noise.update(small, m, squared_grad_norm(model.parameters()), B * world_size)
+        optimizer.step()
+
+Under DDP ``small`` is this process's; average it over the processes (one scalar all-reduce)
+before the update, so that every process holds the same estimate. Without micro-batches, under
+DDP, :meth:`DDPGradNorms.collect` gives both numbers (``B_s`` = the per-process batch, ``B_b`` =
+the global one); with neither there is no small batch to compare, and no estimate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,24 +111,38 @@ class MicroBatchGradNorms:
             self._done.append(torch.zeros((), dtype=self._dtype, device=self._device))
         self._norms = []
 
-    def pop(self, grad_multiplier: float = 1.0) -> torch.Tensor:
+    def pop(self, grad_multiplier: float | Sequence[float] = 1.0) -> torch.Tensor:
         """The squared norms of the micro-batches since the last call (1-d tensor), and reset.
+
+        Micro-batches of unequal sizes ``b_i`` (a short last one) are fine: their mean squared
+        norm is that of a batch of the harmonic mean ``1 / mean(1 / b_i)``; pass that as
+        ``small_batch_size`` to :meth:`GradientNoiseScale.update`.
 
         Args:
             grad_multiplier: what each backward's gradient must be multiplied by to be that
                 micro-batch's mean gradient: ``k`` when the loop divides each micro-batch loss by
-                its ``k`` micro-batches (so ``p.grad`` ends as the mean), ``1 / loss_scale`` under
-                AMP loss scaling. The norms are multiplied by its square.
+                its ``k`` micro-batches (so ``p.grad`` ends as the mean), ``B / b_i`` when it
+                weights micro-batch ``i`` by ``b_i / B``, and divided by the loss scale under AMP.
+                One number for all, or one per micro-batch. The norms are multiplied by its square.
 
         Raises:
-            ValueError: no micro-batch was closed since the last call.
+            ValueError: no micro-batch was closed since the last call, or the number of
+                multipliers differs from the number of micro-batches.
         """
         import torch
 
         if not self._done:
             raise ValueError("no micro-batch to report: call end_micro_batch() after each "
                              "micro-batch's backward")
-        norms = torch.stack(self._done) * float(grad_multiplier) ** 2
+        norms = torch.stack(self._done)
+        if isinstance(grad_multiplier, Sequence):
+            if len(grad_multiplier) != len(self._done):
+                raise ValueError(f"{len(grad_multiplier)} grad multipliers for "
+                                 f"{len(self._done)} micro-batches: give one per micro-batch")
+            factors = torch.tensor([float(m) ** 2 for m in grad_multiplier], dtype=norms.dtype)
+            norms = norms * factors.to(norms.device)
+        else:
+            norms = norms * float(grad_multiplier) ** 2
         self._done = []
         return norms
 
