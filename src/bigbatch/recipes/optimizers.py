@@ -45,7 +45,30 @@ def _trust_ratio(weight_norm: torch.Tensor, update_norm: torch.Tensor,
     return torch.where(ok, coefficient * weight_norm / torch.where(ok, update_norm, 1.0), 1.0)
 
 
-class LARS(torch.optim.Optimizer):
+class _LayerwiseOptimizer(torch.optim.Optimizer):
+    """The step both share: each parameter with a dense gradient is updated on its own."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class LARS(_LayerwiseOptimizer):
     """LARS, Algorithm 1 of You, Gitman, Ginsburg 2017 ("Large Batch Training of Convolutional
     Networks"), with the momentum buffer holding the global lr as in the paper.
 
@@ -78,22 +101,6 @@ class LARS(torch.optim.Optimizer):
                     "exclude_1d": bool(exclude_1d)}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("LARS does not support sparse gradients")
-                self._update(p, group)
-        return loss
-
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         grad = p.grad
         if group["exclude_1d"] and p.ndim <= 1:
@@ -112,7 +119,7 @@ class LARS(torch.optim.Optimizer):
         p.sub_(state["momentum_buffer"])
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_LayerwiseOptimizer):
     """LAMB, Algorithm 2 of You et al. 2019 ("Large Batch Optimization for Deep Learning: Training
     BERT in 76 minutes"), with bias correction and the identity scaling ``phi(z) = z``.
 
@@ -147,22 +154,6 @@ class LAMB(torch.optim.Optimizer):
                     "weight_decay": _check("weight_decay", weight_decay),
                     "exclude_1d": bool(exclude_1d)}
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("LAMB does not support sparse gradients")
-                self._update(p, group)
-        return loss
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         grad = p.grad
