@@ -122,3 +122,45 @@ def test_errors():
     other = AdaScale(REGIME, base_updates_per_epoch=20).state_dict()
     with pytest.raises(ValueError, match="lasts 60 small-batch updates, this one 30"):
         ada.load_state_dict(other)
+
+
+def test_drives_a_training_loop_with_micro_batches():
+    """The wiring the engine will use: micro-batch norms -> noise estimate -> gain -> lr and tau."""
+    from torch import nn
+
+    from bigbatch.diagnostics import MicroBatchGradNorms, squared_grad_norm
+    from bigbatch.recipes import apply_settings, build_optimizer
+
+    torch.manual_seed(0)
+    w_true = torch.randn(5, 1)
+    model = nn.Linear(5, 1, bias=False)
+    regime = Regime.from_dict({"epochs": 4, "phases": [{"epoch": 0, "lr": 0.05},
+                                                       {"epoch": 3, "lr": 0.005}]})
+    base_batch, batch, micro = 8, 64, 8
+    opt = build_optimizer(model.parameters(), regime)
+    ada, noise = AdaScale(regime, base_updates_per_epoch=10), GradientNoiseScale(decay=0.9)
+    norms = MicroBatchGradNorms(model.parameters())
+    x_val = torch.randn(512, 5)
+    y_val = x_val @ w_true
+    def val_loss() -> float:
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(model(x_val), y_val))
+
+    start = val_loss()
+    while not ada.done:
+        gain = noise.gain(batch, base_batch)
+        settings = ada.step(gain)
+        apply_settings(opt, settings)
+        assert opt.param_groups[0]["lr"] == settings["lr"]
+        x = torch.randn(batch, 5)
+        y = x @ w_true + 2.0 * torch.randn(batch, 1)  # noisy labels: the gain must exceed 1
+        opt.zero_grad()
+        for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
+            (nn.functional.mse_loss(model(xs), ys) / (batch // micro)).backward()
+            norms.end_micro_batch()
+        small = norms.pop(grad_multiplier=batch // micro).mean()
+        noise.update(small, micro, squared_grad_norm(model.parameters()), batch)
+        opt.step()
+    assert ada.tau >= 40 and ada.num_updates < 40  # fewer updates than the base run's 40
+    assert 1.0 < ada.last_gain <= batch / base_batch
+    assert val_loss() < 0.5 * start
