@@ -9,6 +9,10 @@ import torch
 from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter (tests ask for them
+# with BIGBATCH_GBN_BACKEND=triton). Set before anything imports triton: @triton.jit reads it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # "ci" (the default) is derandomized so that a green suite stays green on the same code; run
 # `HYPOTHESIS_PROFILE=explore pytest` to search with fresh random examples (and more of them).

@@ -1,0 +1,192 @@
+"""The Triton kernels of ghost batch norm equal the chunked reference (tests/reference.py).
+
+Without a GPU they run on CPU tensors through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), which executes each program in turn with numpy: shapes stay tiny (a few
+programs per launch) and the whole file takes well under a minute on two cores. With a GPU the
+same tests run on CUDA. They skip when triton is not importable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from reference import CASES, assert_same_step, make_input, make_pair
+
+pytest.importorskip("triton")
+
+from bigbatch.layers import _triton_kernel, backend, backend_for, ghost_batch_norm  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=5e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=4e-2),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+}
+FORMATS = {"2d": torch.channels_last, "3d": torch.channels_last_3d}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """Every call here asks for Triton; a failed launch recorded by one test is forgotten after."""
+    monkeypatch.setenv("BIGBATCH_GBN_BACKEND", "triton")
+    monkeypatch.setattr(backend, "_failed", {})
+    monkeypatch.setattr(backend, "_warned", set())
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the Triton forward and backward launches, so a test knows the kernels ran."""
+    counts = {"forward": 0, "backward": 0}
+    for name in counts:
+        original = getattr(_triton_kernel, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_triton_kernel, name, counted)
+    return counts
+
+
+def test_backend_is_triton():
+    assert backend_for(torch.ones(4, 3, device=DEVICE)) == ("triton", "")
+
+
+@settings(max_examples=12)
+@given(
+    case=st.sampled_from(sorted(CASES)),
+    batch=st.integers(2, 13),
+    num_features=st.integers(1, 3),
+    ghost_batch_size=st.integers(2, 5),
+    momentum=st.sampled_from([0.1, 1.0, None]),
+    affine=st.booleans(),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(
+    case, batch, num_features, ghost_batch_size, momentum, affine, channels_last, dtype, seed
+):
+    """Shapes, ghost sizes with and without a remainder, momentum settings, both layouts."""
+    assume(batch > ghost_batch_size)  # else plain F.batch_norm runs, no kernel
+    values_per_sample = torch.Size(CASES[case][2]).numel()
+    last = batch - (batch - 1) // ghost_batch_size * ghost_batch_size
+    assume(last * values_per_sample > 1)
+    ghost, ref = make_pair(
+        case, num_features, ghost_batch_size, dtype, DEVICE, momentum=momentum, affine=affine
+    )
+    torch.manual_seed(seed)
+    fmt = FORMATS.get(case) if channels_last else None
+    for _ in range(2):
+        ghost.zero_grad()
+        ref.zero_grad()
+        x = make_input(case, batch, num_features, dtype, DEVICE, memory_format=fmt)
+        if dtype == torch.float32:  # as in test_ghost_bn.py: an ill-conditioned ghost batch
+            assume(min(float(c.detach().std()) for c in x.split(ghost_batch_size)) > 0.05)
+        assert_same_step(ghost, ref, x, tol=TOL[dtype])
+        if fmt is not None:
+            assert x.grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["1d", "2d"])
+def test_reduced_precision(case, dtype, launches):
+    """float16/bfloat16 input: output and input gradient in that dtype, statistics in float32."""
+    ghost, ref = make_pair(case, 3, 4, torch.float32, DEVICE)
+    fmt = torch.channels_last if case == "2d" else None
+    x = make_input(case, 10, 3, dtype, DEVICE, memory_format=fmt)
+    assert_same_step(ghost, ref, x, tol=TOL[dtype], ref_dtype=torch.float32)
+    assert x.grad.dtype == dtype and ghost.running_mean.dtype == torch.float32
+    assert launches == {"forward": 1, "backward": 1}
+
+
+def test_tiles_and_channel_blocks(launches):
+    """Values per ghost batch over one tile (Chan's merge across tiles) and channels over one block
+    (masked channel tails), in both layouts."""
+    for shape, fmt in (((24, 3, 40, 30), None), ((6, 70, 2, 3), torch.channels_last)):
+        block_m, block_c, _ = _triton_kernel.blocks(shape[1], 12 * 1200, fmt is None)
+        assert fmt is not None or 12 * 1200 > block_m
+        ghost, ref = make_pair("2d", shape[1], 12 if fmt is None else 3, torch.float64, DEVICE)
+        x = (torch.randn(*shape, dtype=torch.float64, device=DEVICE) * 2 + 5).requires_grad_()
+        if fmt is not None:
+            assert shape[1] > block_c
+            x = x.detach().contiguous(memory_format=fmt).requires_grad_()
+        assert_same_step(ghost, ref, x, tol=TOL[torch.float64])
+    assert launches == {"forward": 2, "backward": 2}
+
+
+def test_large_mean_stays_accurate():
+    """No E[x^2] - E[x]^2: float32 statistics stay exact when |mean| >> std."""
+    ghost, ref = make_pair("1d", 4, 8, torch.float32, DEVICE)
+    x = (torch.randn(32, 4, device=DEVICE) + 1000.0).requires_grad_()
+    assert_same_step(ghost, ref, x, tol=dict(rtol=1e-3, atol=2e-3))
+
+
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
+def test_gradcheck(wrt):
+    """float64 through the interpreter: first and second derivatives (the latter by
+    recomputation), each argument alone; ghost batches of 3, 3 and 2."""
+    x = torch.randn(8, 2, dtype=torch.float64, device=DEVICE) * 2 + 1
+    weight = torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5
+    bias = torch.randn(2, dtype=torch.float64, device=DEVICE)
+    for t, name in ((x, "input"), (weight, "weight"), (bias, "bias")):
+        t.requires_grad_(wrt == name)
+
+    def fn(x, weight, bias):
+        return ghost_batch_norm(x, None, None, weight, bias, ghost_batch_size=3, training=True)
+
+    torch.autograd.gradcheck(fn, (x, weight, bias))
+    torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+@pytest.mark.parametrize("ghost_batch_size", [1, 3])
+def test_empty_batch(ghost_batch_size):
+    ghost, ref = make_pair("2d", 3, ghost_batch_size, torch.float32, DEVICE)
+    x = make_input("2d", 0, 3, torch.float32, DEVICE)
+    assert_same_step(ghost, ref, x, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compile_fullgraph(momentum, launches):
+    """torch.compile calls the custom op (no graph break) and gets the reference's gradients."""
+    ghost, ref = make_pair("2d", 3, 4, torch.float32, DEVICE, momentum=momentum)
+    compiled = torch.compile(ghost, fullgraph=True, backend="aot_eager")
+    for batch in (10, 4):  # a remainder ghost batch, then the single-ghost-batch fast path
+        ghost.zero_grad()
+        ref.zero_grad()
+        x = make_input("2d", batch, 3, torch.float32, DEVICE)
+        assert_same_step(ghost, ref, x, tol=TOL[torch.float32], call=compiled)
+    assert launches == {"forward": 1, "backward": 1}
+
+
+def test_failed_launch_falls_back_with_one_warning(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of shared memory (simulated)")
+
+    monkeypatch.setattr(_triton_kernel, "forward", broken)
+    ghost, ref = make_pair("1d", 3, 4, torch.float64, DEVICE)
+    with caplog.at_level(logging.WARNING, logger="bigbatch.layers.backend"):
+        assert_same_step(ghost, ref, make_input("1d", 10, 3, device=DEVICE), tol=TOL[
+            torch.float64])  # fmt: skip
+        ghost(make_input("1d", 10, 3, device=DEVICE))
+    (record,) = caplog.records
+    assert "Triton launch failed" in record.getMessage() and "simulated" in record.getMessage()
+    choice = backend_for(torch.ones(4, 3, device=DEVICE))
+    assert choice.name == "torch" and "out of shared memory" in choice.reason
+
+
+def test_missing_triton_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(backend, "_triton_import", "triton is not importable (simulated)")
+    ghost, ref = make_pair("1d", 3, 4, torch.float64, DEVICE)
+    with caplog.at_level(logging.WARNING, logger="bigbatch.layers.backend"):
+        for _ in range(2):
+            assert_same_step(ghost, ref, make_input("1d", 10, 3, device=DEVICE), tol=TOL[
+                torch.float64])  # fmt: skip
+    (record,) = caplog.records
+    assert "falls back to the PyTorch ops: triton is not importable" in record.getMessage()
+    assert backend_for(torch.ones(4, 3, device=DEVICE)).reason.startswith("triton is not")
