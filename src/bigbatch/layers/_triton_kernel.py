@@ -1,8 +1,8 @@
 """Triton kernels of ghost batch norm, for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1).
 
 Work unit, as in the C kernel (``ghost_bn_cpu.c``): one program per (ghost batch, channel block).
-The input is addressed as (N, C, S) through strides, so contiguous (C then S) and channels_last (S
-then C) memory are read in place, (N, C) being S = 1.
+The input is addressed as (N, C, S) through the strides sn, sc, ss, so contiguous (C then S) and
+channels_last (S then C) memory are read in place, (N, C) being S = 1.
 
 Forward: one pass over the ghost batch's M = samples x S values per channel, in tiles of BLOCK_M;
 each tile's mean and sum of squared deviations (two-pass, inside registers) are merged into the
@@ -49,32 +49,38 @@ def blocks(channels: int, values_per_ghost: int, channels_fastest: bool) -> tupl
 
 
 @triton.jit
-def _offsets(first, start, cols, rows_m, S, stride_n, stride_c, stride_s, BLOCK_M: tl.constexpr):
+def _unit(N, C, S, ghost_size, BLOCK_C: tl.constexpr):
+    """This program's ghost batch, channel block (and mask), first sample and values per channel."""
+    ghost = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    first = ghost * ghost_size
+    total = tl.minimum(ghost_size, N - first) * S  # values per channel in this ghost batch
+    return ghost, cols, cols < C, first, total
+
+
+@triton.jit
+def _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M: tl.constexpr):
+    """Offsets and mask of the [BLOCK_M, BLOCK_C] tile of values start.. of the ghost batch."""
     m = start + tl.arange(0, BLOCK_M)
     n = (first + m // S).to(tl.int64)
     s = (m % S).to(tl.int64)
-    offs = n[:, None] * stride_n + s[:, None] * stride_s + cols.to(tl.int64)[None, :] * stride_c
-    return offs, m < rows_m
+    offs = n[:, None] * sn + s[:, None] * ss + cols.to(tl.int64)[None, :] * sc
+    return offs, (m < total)[:, None] & cmask[None, :]
 
 
 @triton.jit
 def _forward_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rstd_ptr,
-    N, C, S, stride_n, stride_c, stride_s, ghost_size, eps,
+    N, C, S, sn, sc, ss, ghost_size, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    ghost = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    first = ghost * ghost_size
-    total = tl.minimum(ghost_size, N - first) * S  # values per channel in this ghost batch
+    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     count = tl.zeros([BLOCK_C], ACC)
     for start in range(0, total, BLOCK_M):
-        offs, mmask = _offsets(first, start, cols, total, S, stride_n, stride_c, stride_s, BLOCK_M)
-        mask = mmask[:, None] & cmask[None, :]
+        offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         n_tile = tl.minimum(total - start, BLOCK_M).to(ACC)
         tile_mean = tl.sum(x, axis=0) / n_tile
@@ -98,8 +104,7 @@ def _forward_kernel(
     if HAS_B:
         shift += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
     for start in range(0, total, BLOCK_M):
-        offs, mmask = _offsets(first, start, cols, total, S, stride_n, stride_c, stride_s, BLOCK_M)
-        mask = mmask[:, None] & cmask[None, :]
+        offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = x * scale[None, :] + shift[None, :]
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -108,23 +113,18 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
-    N, C, S, stride_n, stride_c, stride_s, ghost_size,
+    N, C, S, sn, sc, ss, ghost_size,
     HAS_W: tl.constexpr, HAS_DX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    ghost = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    first = ghost * ghost_size
-    total = tl.minimum(ghost_size, N - first) * S
+    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
     stat = ghost * C + cols
     mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
     rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
     for start in range(0, total, BLOCK_M):
-        offs, mmask = _offsets(first, start, cols, total, S, stride_n, stride_c, stride_s, BLOCK_M)
-        mask = mmask[:, None] & cmask[None, :]
+        offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
@@ -139,10 +139,7 @@ def _backward_kernel(
         mean_dy = sum_dy / total
         mean_dy_xhat = sum_dy_xhat / total
         for start in range(0, total, BLOCK_M):
-            offs, mmask = _offsets(
-                first, start, cols, total, S, stride_n, stride_c, stride_s, BLOCK_M
-            )
-            mask = mmask[:, None] & cmask[None, :]
+            offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
             xhat = (x - mean[None, :]) * rstd[None, :]
