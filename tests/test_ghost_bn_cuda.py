@@ -85,6 +85,7 @@ def test_bf16_autocast_on_cuda(gpu_backend):
 
 @pytest.mark.parametrize("memory_format", [None, torch.channels_last])
 def test_compile_on_cuda_matches_reference(gpu_backend, memory_format):
+    torch._dynamo.reset()  # trace for this backend (see bigbatch/layers/backend.py)
     ghost, ref = make_pair("2d", 16, 32, torch.float32, device=CUDA)
     compiled = torch.compile(ghost, fullgraph=True)
     for batch in (128, 100):  # a remainder ghost batch the second time

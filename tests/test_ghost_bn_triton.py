@@ -154,6 +154,7 @@ def test_empty_batch(ghost_batch_size):
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_compile_fullgraph(momentum, launches):
     """torch.compile calls the custom op (no graph break) and gets the reference's gradients."""
+    torch._dynamo.reset()  # a graph traced before the switch was set would be reused (backend.py)
     ghost, ref = make_pair("2d", 3, 4, torch.float32, DEVICE, momentum=momentum)
     compiled = torch.compile(ghost, fullgraph=True, backend="aot_eager")
     for batch in (10, 4):  # a remainder ghost batch, then the single-ghost-batch fast path

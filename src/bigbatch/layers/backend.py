@@ -9,6 +9,10 @@ One switch, read at every call: ``BIGBATCH_GBN_BACKEND=auto|c|triton|torch``.
   also run on CPU tensors, through Triton's interpreter (slow: for tests).
 - ``torch``: always the PyTorch ops.
 
+Under ``torch.compile`` the choice is made when the graph is traced: set the variable before
+compiling. Dynamo retraces when a set value changes, but not when an unset variable is set later
+(it does not guard on a variable's absence); ``torch._dynamo.reset()`` forces a retrace.
+
 A kernel that cannot run (not installed, not built, an unsupported input, a failed launch) falls
 back to the PyTorch ops with one log warning naming the cause; the results are the same. The older
 ``BIGBATCH_CPU_KERNEL=0`` still switches the C kernel off, with a deprecation warning.
