@@ -348,10 +348,11 @@ def test_eval_without_running_stats_is_batch_norm():
 def test_docstring_examples():
     import doctest
 
+    import bigbatch.layers.backend
     import bigbatch.layers.convert
     import bigbatch.layers.ghost_bn
 
-    for module in (bigbatch.layers.ghost_bn, bigbatch.layers.convert):
+    for module in (bigbatch.layers.ghost_bn, bigbatch.layers.convert, bigbatch.layers.backend):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0
 

@@ -129,3 +129,4 @@ def test_summary_line(monkeypatch):
     monkeypatch.setenv("BIGBATCH_GBN_BACKEND", "torch")
     assert backend_summary("cpu") == "torch"
     assert cpu_kernel_status().startswith("ghost batch norm CPU kernel: ")  # still there
+

@@ -131,6 +131,8 @@ def choose(x: Tensor) -> BackendChoice:
     wanted = requested_backend()
     if wanted == "torch":
         return BackendChoice("torch")
+    if torch.jit.is_tracing():
+        return BackendChoice("torch", "torch.jit.trace records the PyTorch ops, not a kernel")
     if wanted == "c" or (wanted == "auto" and x.device.type == "cpu"):
         return _c_choice(x)
     if wanted == "triton" or (wanted == "auto" and x.device.type == "cuda"):
@@ -147,6 +149,7 @@ def _log_once(message: str) -> None:
 # No warning: fallbacks the user asked for, where no kernel was ever expected, or where the C
 # kernel's loader has already warned (a failed build) or stays silent by design (not Linux).
 _QUIET = (
+    "torch.jit.trace",
     "inside _cpu_kernel.disabled()",
     "BIGBATCH_CPU_KERNEL=0",
     "no ghost batch norm kernel",
