@@ -6,7 +6,8 @@ launch fails, the PyTorch ops, after one warning: ``_function.triton_forward``).
 them without a graph break, and the forward has an autograd formula that calls the backward op;
 double backward differentiates a recomputation (``_function.double_backward``).
 ``tests/test_ghost_bn_triton.py::test_compile_fullgraph`` checks compiled against eager with a
-random output gradient.
+random output gradient. ``torch.library.custom_op`` is torch >= 2.4: on older torch
+(``AVAILABLE`` False) compiled code traces the PyTorch ops instead.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from torch import Tensor
 from bigbatch.layers import _function
 from bigbatch.layers._layout import channels_last, memory_format
 
-__all__ = ["ghost_bn_backward", "ghost_bn_forward"]
+__all__ = ["AVAILABLE", "ghost_bn_backward", "ghost_bn_forward"]
+
+AVAILABLE = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("bigbatch::ghost_bn_forward", mutates_args=())
-def ghost_bn_forward(
+def _forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, ghost_batch_size: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, var, rstd) for ``x`` contiguous in its memory format; statistics ``(G, C)``."""
@@ -33,16 +35,14 @@ def ghost_bn_forward(
     return _function.triton_forward(x, weight, bias, ghost_batch_size, eps, last)
 
 
-@ghost_bn_forward.register_fake
-def _(x, weight, bias, ghost_batch_size, eps):
+def _forward_fake(x, weight, bias, ghost_batch_size, eps):
     n, c = x.shape[:2]
     g = (n + ghost_batch_size - 1) // ghost_batch_size
     stats = [x.new_empty((g, c), dtype=_stat_dtype(x)) for _ in range(3)]
     return torch.empty_like(x, memory_format=memory_format(x)), *stats
 
 
-@torch.library.custom_op("bigbatch::ghost_bn_backward", mutates_args=())
-def ghost_bn_backward(
+def _backward_op(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -59,8 +59,7 @@ def ghost_bn_backward(
     return (x.new_empty(0) if dx is None else dx), grad_w, grad_b
 
 
-@ghost_bn_backward.register_fake
-def _(dy, x, weight, mean, rstd, ghost_batch_size, needs_dx):
+def _backward_fake(dy, x, weight, mean, rstd, ghost_batch_size, needs_dx):
     dx = torch.empty_like(x, memory_format=memory_format(x)) if needs_dx else x.new_empty(0)
     c = x.shape[1]
     return dx, mean.new_empty(c), mean.new_empty(c)
@@ -74,7 +73,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, var, rstd)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_rstd):
+def _autograd(ctx, grad_out, _grad_mean, _grad_var, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:3])
     if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
@@ -92,4 +91,14 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_rstd):
     )
 
 
-ghost_bn_forward.register_autograd(_backward, setup_context=_setup_context)
+ghost_bn_forward = ghost_bn_backward = None
+if AVAILABLE:
+    ghost_bn_forward = torch.library.custom_op("bigbatch::ghost_bn_forward", mutates_args=())(
+        _forward
+    )
+    ghost_bn_forward.register_fake(_forward_fake)
+    ghost_bn_backward = torch.library.custom_op("bigbatch::ghost_bn_backward", mutates_args=())(
+        _backward_op
+    )
+    ghost_bn_backward.register_fake(_backward_fake)
+    ghost_bn_forward.register_autograd(_autograd, setup_context=_setup_context)

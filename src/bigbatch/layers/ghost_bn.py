@@ -123,7 +123,7 @@ def _ghost_forward(x, weight, bias, ghost_batch_size: int, eps: float):
     choice = backend.choose(x)
     fmt = memory_format(x)
     if torch.compiler.is_compiling():
-        if choice.name == "triton":
+        if choice.name == "triton" and _triton_op.AVAILABLE:
             xc = x.contiguous(memory_format=fmt)
             y, mean, var, _ = _triton_op.ghost_bn_forward(xc, weight, bias, ghost_batch_size, eps)
             return y, mean, var
