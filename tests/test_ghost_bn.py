@@ -21,6 +21,7 @@ from bigbatch.layers import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     _cpu_kernel,
+    backend,
     convert_ghost_batchnorm,
     ghost_batch_norm,
     ghost_bn,
@@ -46,6 +47,8 @@ def _triton():
             del os.environ["BIGBATCH_GBN_BACKEND"]
         else:
             os.environ["BIGBATCH_GBN_BACKEND"] = before
+    # A failed launch falls back to the ops, which would pass the comparisons: refuse it.
+    assert not backend._failed, backend._failed
 
 
 # Every backend, Triton included when it imports (the gradchecks of the slow interpreter are in

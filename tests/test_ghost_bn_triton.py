@@ -32,10 +32,13 @@ FORMATS = {"2d": torch.channels_last, "3d": torch.channels_last_3d}
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
-    """Every call here asks for Triton; a failed launch recorded by one test is forgotten after."""
+    """Every call here asks for Triton, and no launch may fail: a failed one falls back to the
+    PyTorch ops, whose results would pass the comparisons and hide the kernel's error."""
     monkeypatch.setenv("BIGBATCH_GBN_BACKEND", "triton")
     monkeypatch.setattr(backend, "_failed", {})
     monkeypatch.setattr(backend, "_warned", set())
+    yield
+    assert not backend._failed, backend._failed
 
 
 @pytest.fixture
@@ -105,17 +108,23 @@ def test_reduced_precision(case, dtype, launches):
     assert launches == {"forward": 1, "backward": 1}
 
 
-def test_tiles_and_channel_blocks(launches):
-    """Values per ghost batch over one tile (Chan's merge across tiles) and channels over one block
-    (masked channel tails), in both layouts."""
-    for shape, fmt in (((24, 3, 40, 30), None), ((6, 70, 2, 3), torch.channels_last)):
-        block_m, block_c, _ = _triton_kernel.blocks(shape[1], 12 * 1200, fmt is None)
-        assert fmt is not None or 12 * 1200 > block_m
-        ghost, ref = make_pair("2d", shape[1], 12 if fmt is None else 3, torch.float64, DEVICE)
-        x = (torch.randn(*shape, dtype=torch.float64, device=DEVICE) * 2 + 5).requires_grad_()
-        if fmt is not None:
-            assert shape[1] > block_c
-            x = x.detach().contiguous(memory_format=fmt).requires_grad_()
+@pytest.mark.parametrize("split", [False, True])
+def test_tiles_channel_blocks_and_splits(monkeypatch, launches, split):
+    """Values per ghost batch over one tile (Chan's merge across tiles), channels over one block
+    (masked channel tails), in both layouts; with ``split`` the GPU is taken to have many SMs, so
+    each ghost batch is cut into chunks (two launches per direction, partials merged in order),
+    the shorter last ghost batch leaving some chunks empty."""
+    if split:
+        monkeypatch.setattr(_triton_kernel, "_sm_count", lambda device: 64)
+    for shape, fmt, g in (((20, 3, 40, 30), None, 12), ((7, 70, 8, 8), torch.channels_last, 4)):
+        values = g * shape[2] * shape[3]
+        block_m, block_c, _ = _triton_kernel.blocks(shape[1], values, fmt is not None)
+        units = -(-shape[0] // g) * -(-shape[1] // block_c)
+        chunks, _ = _triton_kernel.splits(units, values, block_m, DEVICE)
+        assert (chunks > 1) == split and (values > block_m or shape[1] > block_c)
+        ghost, ref = make_pair("2d", shape[1], g, torch.float64, DEVICE)
+        x = torch.randn(*shape, dtype=torch.float64, device=DEVICE) * 2 + 5
+        x = x.contiguous(memory_format=fmt or torch.contiguous_format).requires_grad_()
         assert_same_step(ghost, ref, x, tol=TOL[torch.float64])
     assert launches == {"forward": 2, "backward": 2}
 
@@ -199,6 +208,7 @@ def test_failed_launch_falls_back_with_one_warning(monkeypatch, caplog):
     assert "Triton launch failed" in record.getMessage() and "simulated" in record.getMessage()
     choice = backend_for(torch.ones(4, 3, device=DEVICE))
     assert choice.name == "torch" and "out of shared memory" in choice.reason
+    backend._failed.clear()  # expected here (the fixture refuses failed launches)
 
 
 def test_missing_triton_falls_back_with_one_warning(monkeypatch, caplog):

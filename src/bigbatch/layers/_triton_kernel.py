@@ -15,6 +15,11 @@ Backward: pass 1 reduces sum(dy) and sum(dy * x_hat) per (ghost batch, channel) 
 weight and bias gradients are the partials summed over G by the caller: deterministic, no float
 atomics.
 
+When the (ghost batch, channel block) programs are too few for the GPU (fewer than two per SM),
+each ghost batch's values are cut into chunks (``splits``, a third grid axis): the first launch
+writes each chunk's (count, mean, m2), or its two gradient sums, as partials; the second merges a
+ghost batch's partials in a fixed order and normalises (or writes dx for) its chunk.
+
 Blocks are chosen from the shape (``blocks``), never autotuned: the interpreter cannot autotune.
 """
 
@@ -24,9 +29,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["backward", "blocks", "forward"]
+__all__ = ["backward", "blocks", "forward", "splits"]
 
 _TILE = 4096  # values per tile: 16 KiB of float32 registers per program
+_MAX_SPLITS = 64
+_INTERPRETER_SMS = 2  # what ``splits`` assumes for CPU tensors (the interpreter): tests reach both
 
 
 def blocks(channels: int, values_per_ghost: int, channels_fastest: bool) -> tuple[int, int, int]:
@@ -69,82 +76,225 @@ def _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rstd_ptr,
-    N, C, S, sn, sc, ss, ghost_size, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+def _chan(count, mean, m2, count_b, mean_b, m2_b):
+    """Merge (count, mean, m2) with another such set (Chan et al.); either may be empty."""
+    merged = count + count_b
+    frac = tl.where(merged > 0, count_b / tl.maximum(merged, 1.0), 0.0)
+    delta = mean_b - mean
+    return merged, mean + delta * frac, m2 + m2_b + delta * delta * count * frac
+
+
+@triton.jit
+def _stats_range(
+    x_ptr, lo, hi, first, cols, cmask, S, sn, sc, ss,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
+    """(count, mean, m2) per channel of the values lo..hi of a ghost batch, tile by tile: each
+    tile's own two-pass mean and m2, merged into the running ones."""
+    count = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    count = tl.zeros([BLOCK_C], ACC)
-    for start in range(0, total, BLOCK_M):
-        offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
+    for start in range(lo, hi, BLOCK_M):
+        offs, mask = _tile(first, start, cols, cmask, hi, S, sn, sc, ss, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        n_tile = tl.minimum(total - start, BLOCK_M).to(ACC)
+        n_tile = tl.minimum(hi - start, BLOCK_M).to(ACC)
         tile_mean = tl.sum(x, axis=0) / n_tile
         d = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(d * d, axis=0)
-        merged = count + n_tile  # Chan et al.: merge (count, mean, m2) with the tile's
-        delta = tile_mean - mean
-        mean += delta * (n_tile / merged)
-        m2 += tile_m2 + delta * delta * (count * n_tile / merged)
-        count = merged
-    var = m2 / count
-    rstd = 1.0 / tl.sqrt(var + eps)
-    stat = ghost * C + cols
-    tl.store(mean_ptr + stat, mean, mask=cmask)
-    tl.store(var_ptr + stat, var, mask=cmask)
-    tl.store(rstd_ptr + stat, rstd, mask=cmask)
+        count, mean, m2 = _chan(count, mean, m2, n_tile, tile_mean, tl.sum(d * d, axis=0))
+    return count, mean, m2
+
+
+@triton.jit
+def _normalize_range(
+    x_ptr, y_ptr, w_ptr, b_ptr, lo, hi, first, cols, cmask, S, sn, sc, ss, mean, rstd,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """y = x * (w * rstd) + (b - mean * w * rstd) for the values lo..hi of a ghost batch."""
     scale = rstd
     if HAS_W:
         scale = scale * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
     shift = -mean * scale
     if HAS_B:
         shift += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    for start in range(0, total, BLOCK_M):
-        offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
+    for start in range(lo, hi, BLOCK_M):
+        offs, mask = _tile(first, start, cols, cmask, hi, S, sn, sc, ss, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = x * scale[None, :] + shift[None, :]
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_kernel(
-    x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
-    N, C, S, sn, sc, ss, ghost_size,
-    HAS_W: tl.constexpr, HAS_DX: tl.constexpr, ACC: tl.constexpr,
+def _store_stats(mean_ptr, var_ptr, rstd_ptr, stat, cmask, count, mean, m2, eps):
+    """Biased variance and 1/sqrt(var + eps) from (count, mean, m2); stored; returns rstd."""
+    var = m2 / tl.maximum(count, 1.0)  # count is 0 only on masked channels
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + stat, mean, mask=cmask)
+    tl.store(var_ptr + stat, var, mask=cmask)
+    tl.store(rstd_ptr + stat, rstd, mask=cmask)
+    return rstd
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rstd_ptr,
+    N, C, S, sn, sc, ss, ghost_size, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    """One launch: each program owns a whole (ghost batch, channel block)."""
     ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
+    count, mean, m2 = _stats_range(
+        x_ptr, 0, total, first, cols, cmask, S, sn, sc, ss, ACC, BLOCK_M, BLOCK_C
+    )
     stat = ghost * C + cols
-    mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
-    rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
+    rstd = _store_stats(mean_ptr, var_ptr, rstd_ptr, stat, cmask, count, mean, m2, eps)
+    _normalize_range(x_ptr, y_ptr, w_ptr, b_ptr, 0, total, first, cols, cmask, S, sn, sc, ss,
+                     mean, rstd, HAS_W, HAS_B, ACC, BLOCK_M)  # fmt: skip
+
+
+@triton.jit
+def _forward_split_stats_kernel(
+    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
+    N, C, S, sn, sc, ss, ghost_size, chunk,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Split launch 1: (count, mean, m2) of chunk values (axis 2 of the grid) per program."""
+    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
+    split = tl.program_id(2)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, total)
+    count, mean, m2 = _stats_range(
+        x_ptr, lo, hi, first, cols, cmask, S, sn, sc, ss, ACC, BLOCK_M, BLOCK_C
+    )
+    part = (ghost * tl.num_programs(2) + split) * C + cols
+    tl.store(part_count_ptr + part, count, mask=cmask)
+    tl.store(part_mean_ptr + part, mean, mask=cmask)
+    tl.store(part_m2_ptr + part, m2, mask=cmask)
+
+
+@triton.jit
+def _forward_split_normalize_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
+    mean_ptr, var_ptr, rstd_ptr, N, C, S, sn, sc, ss, ghost_size, chunk, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Split launch 2: merge the ghost batch's partials in order, then normalise one chunk."""
+    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    count = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for j in range(0, splits):
+        part = (ghost * splits + j) * C + cols
+        count, mean, m2 = _chan(
+            count, mean, m2, tl.load(part_count_ptr + part, mask=cmask, other=0.0),
+            tl.load(part_mean_ptr + part, mask=cmask, other=0.0),
+            tl.load(part_m2_ptr + part, mask=cmask, other=0.0),
+        )  # fmt: skip
+    # Every split computes the same statistics; the first stores them.
+    stat = ghost * C + cols
+    first_split = cmask & ((cols * 0 + split) == 0)  # a vector mask (a scalar one is refused)
+    rstd = _store_stats(mean_ptr, var_ptr, rstd_ptr, stat, first_split, count, mean, m2, eps)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, total)
+    _normalize_range(x_ptr, y_ptr, w_ptr, b_ptr, lo, hi, first, cols, cmask, S, sn, sc, ss,
+                     mean, rstd, HAS_W, HAS_B, ACC, BLOCK_M)  # fmt: skip
+
+
+@triton.jit
+def _grad_sums_range(
+    x_ptr, dy_ptr, lo, hi, first, cols, cmask, S, sn, sc, ss, mean, rstd,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """sum(dy) and sum(dy * x_hat) per channel over the values lo..hi of a ghost batch."""
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
-    for start in range(0, total, BLOCK_M):
-        offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
+    for start in range(lo, hi, BLOCK_M):
+        offs, mask = _tile(first, start, cols, cmask, hi, S, sn, sc, ss, BLOCK_M)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         sum_dy += tl.sum(dy, axis=0)
         sum_dy_xhat += tl.sum(dy * xhat, axis=0)
-    tl.store(sum_dy_ptr + stat, sum_dy, mask=cmask)
-    tl.store(sum_dy_xhat_ptr + stat, sum_dy_xhat, mask=cmask)
+    return sum_dy, sum_dy_xhat
+
+
+@triton.jit
+def _grad_input_range(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, lo, hi, total, first, cols, cmask, S, sn, sc, ss,
+    mean, rstd, sum_dy, sum_dy_xhat,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dx = w * rstd * (dy - sum(dy)/M - x_hat * sum(dy * x_hat)/M) for the values lo..hi."""
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
+    mean_dy = sum_dy / total
+    mean_dy_xhat = sum_dy_xhat / total
+    for start in range(lo, hi, BLOCK_M):
+        offs, mask = _tile(first, start, cols, cmask, hi, S, sn, sc, ss, BLOCK_M)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        dx = (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]) * scale[None, :]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    N, C, S, sn, sc, ss, ghost_size, chunk,
+    HAS_W: tl.constexpr, HAS_DX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The partial sums of chunk values (axis 2 of the grid) per program; with one split (chunk
+    covering the ghost batch) also the input gradient, in the same launch."""
+    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
+    split = tl.program_id(2)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, total)
+    stat = ghost * C + cols
+    mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
+    sum_dy, sum_dy_xhat = _grad_sums_range(
+        x_ptr, dy_ptr, lo, hi, first, cols, cmask, S, sn, sc, ss, mean, rstd, ACC, BLOCK_M,
+        BLOCK_C,
+    )  # fmt: skip
+    part = (ghost * tl.num_programs(2) + split) * C + cols
+    tl.store(sum_dy_ptr + part, sum_dy, mask=cmask)
+    tl.store(sum_dy_xhat_ptr + part, sum_dy_xhat, mask=cmask)
     if HAS_DX:
-        scale = rstd
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
-        mean_dy = sum_dy / total
-        mean_dy_xhat = sum_dy_xhat / total
-        for start in range(0, total, BLOCK_M):
-            offs, mask = _tile(first, start, cols, cmask, total, S, sn, sc, ss, BLOCK_M)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-            xhat = (x - mean[None, :]) * rstd[None, :]
-            dx = (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]) * scale[None, :]
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _grad_input_range(
+            x_ptr, dy_ptr, dx_ptr, w_ptr, lo, hi, total, first, cols, cmask, S, sn, sc, ss,
+            mean, rstd, sum_dy, sum_dy_xhat, HAS_W, ACC, BLOCK_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _backward_split_input_kernel(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    N, C, S, sn, sc, ss, ghost_size, chunk,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Split launch 2: the ghost batch's partial sums added in order, then dx for one chunk."""
+    ghost, cols, cmask, first, total = _unit(N, C, S, ghost_size, BLOCK_C)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    stat = ghost * C + cols
+    mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
+    for j in range(0, splits):
+        part = (ghost * splits + j) * C + cols
+        sum_dy += tl.load(sum_dy_ptr + part, mask=cmask, other=0.0)
+        sum_dy_xhat += tl.load(sum_dy_xhat_ptr + part, mask=cmask, other=0.0)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, total)
+    _grad_input_range(x_ptr, dy_ptr, dx_ptr, w_ptr, lo, hi, total, first, cols, cmask, S,
+                      sn, sc, ss, mean, rstd, sum_dy, sum_dy_xhat, HAS_W, ACC, BLOCK_M)  # fmt: skip
 
 
 def _geometry(x: Tensor, last: bool) -> tuple[int, int, int, int, int, int]:
@@ -160,6 +310,38 @@ def _acc(x: Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def _sm_count(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def splits(units: int, values: int, block_m: int, device) -> tuple[int, int]:
+    """(splits, chunk): each ghost batch's ``values`` per channel cut into ``splits`` chunks of
+    ``chunk`` values (a multiple of ``block_m``) when ``units`` (ghost batch x channel block)
+    programs alone would leave the GPU idle (fewer than two per SM); (1, values) otherwise."""
+    tiles = triton.cdiv(values, block_m)
+    target = 2 * _sm_count(device)
+    if units >= target or tiles == 1:
+        return 1, values
+    want = min(tiles, triton.cdiv(target, units), _MAX_SPLITS)
+    chunk = triton.cdiv(tiles, want) * block_m
+    return triton.cdiv(values, chunk), chunk
+
+
+def _plan(x: Tensor, ghost_batch_size: int, last: bool):
+    n, c, s, sn, sc, ss = _geometry(x, last)
+    g = -(-n // ghost_batch_size)
+    values = min(ghost_batch_size, n) * s
+    block_m, block_c, warps = blocks(c, values, last)
+    split, chunk = splits(g * triton.cdiv(c, block_c), values, block_m, x.device)
+    grid = (g, triton.cdiv(c, block_c), split)
+    meta = dict(ACC=_acc(x), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    return (n, c, s, sn, sc, ss), g, chunk, grid, meta
+
+
 def forward(
     x: Tensor,
     weight: Tensor | None,
@@ -173,21 +355,29 @@ def forward(
 
     ``weight`` and ``bias`` are contiguous ``(C,)`` tensors in the statistics' dtype, or None.
     Returns the per-ghost mean, biased variance and 1/sqrt(var + eps), each ``(G, C)``, in float32
-    (float64 for float64 input).
+    (float64 for float64 input). One launch, or two when each ghost batch is split (``splits``).
     """
     import torch
 
-    n, c, s, sn, sc, ss = _geometry(x, last)
-    g = -(-n // ghost_batch_size)
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    geometry, g, chunk, grid, meta = _plan(x, ghost_batch_size, last)
+    c = geometry[1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # Three tensors, not views of one: the custom op's outputs must not alias each other.
-    mean, var, rstd = (torch.empty((g, c), dtype=stat_dtype, device=x.device) for _ in range(3))
-    block_m, block_c, warps = blocks(c, min(ghost_batch_size, n) * s, last)
-    grid = (g, triton.cdiv(c, block_c))
-    _forward_kernel[grid](
-        x, out, weight, bias, mean, var, rstd, n, c, s, sn, sc, ss, ghost_batch_size, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, ACC=_acc(x),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+    mean, var, rstd = (torch.empty((g, c), dtype=dtype, device=x.device) for _ in range(3))
+    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    if grid[2] == 1:
+        _forward_kernel[grid](
+            x, out, weight, bias, mean, var, rstd, *geometry, ghost_batch_size, eps, **affine,
+            **meta,
+        )  # fmt: skip
+        return mean, var, rstd
+    parts = torch.empty((3, g, grid[2], c), dtype=dtype, device=x.device)
+    _forward_split_stats_kernel[grid](
+        x, parts[0], parts[1], parts[2], *geometry, ghost_batch_size, chunk, **meta
+    )
+    _forward_split_normalize_kernel[grid](
+        x, out, weight, bias, parts[0], parts[1], parts[2], mean, var, rstd, *geometry,
+        ghost_batch_size, chunk, eps, **affine, **meta,
     )  # fmt: skip
     return mean, var, rstd
 
@@ -206,19 +396,20 @@ def backward(
 
     ``x``, ``dy`` and ``dx`` share one layout (contiguous in ``x``'s memory format); ``mean`` and
     ``rstd`` are what :func:`forward` returned. The gradients are ``(C,)`` in the statistics' dtype,
-    summed over the per-ghost partials in a fixed order.
+    the per-(ghost batch, split) partials summed by torch in a fixed order (no atomics).
     """
     import torch
 
-    n, c, s, sn, sc, ss = _geometry(x, last)
-    g = mean.shape[0]
-    partials = torch.empty((2, g, c), dtype=mean.dtype, device=x.device)
-    block_m, block_c, warps = blocks(c, min(ghost_batch_size, n) * s, last)
-    grid = (g, triton.cdiv(c, block_c))
+    geometry, g, chunk, grid, meta = _plan(x, ghost_batch_size, last)
+    parts = torch.empty((2, g, grid[2], geometry[1]), dtype=mean.dtype, device=x.device)
+    single = grid[2] == 1
     _backward_kernel[grid](
-        x, dy, dx, weight, mean, rstd, partials[0], partials[1],
-        n, c, s, sn, sc, ss, ghost_batch_size,
-        HAS_W=weight is not None, HAS_DX=dx is not None, ACC=_acc(x),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+        x, dy, dx, weight, mean, rstd, parts[0], parts[1], *geometry, ghost_batch_size, chunk,
+        HAS_W=weight is not None, HAS_DX=single and dx is not None, **meta,
     )  # fmt: skip
-    return partials[1].sum(0), partials[0].sum(0)
+    if not single and dx is not None:
+        _backward_split_input_kernel[grid](
+            x, dy, dx, weight, mean, rstd, parts[0], parts[1], *geometry, ghost_batch_size,
+            chunk, HAS_W=weight is not None, **meta,
+        )  # fmt: skip
+    return parts[1].sum((0, 1)), parts[0].sum((0, 1))
