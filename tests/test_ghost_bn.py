@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import os
 import time
 
 import pytest
@@ -11,71 +13,48 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from reference import ChunkedBatchNorm
+from reference import CASES, assert_same_step, make_input, make_pair
 from torch import nn
 
 from bigbatch.layers import (
     GhostBatchNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
-    GhostBatchNorm3d,
     _cpu_kernel,
+    backend,
+    convert_ghost_batchnorm,
     ghost_batch_norm,
     ghost_bn,
+    revert_ghost_batchnorm,
 )
 
-# (ghost class, matching nn class, input shape after the batch and channel dims)
-CASES = {
-    "1d": (GhostBatchNorm1d, nn.BatchNorm1d, ()),
-    "1d_length": (GhostBatchNorm1d, nn.BatchNorm1d, (5,)),
-    "2d": (GhostBatchNorm2d, nn.BatchNorm2d, (3, 2)),
-    "3d": (GhostBatchNorm3d, nn.BatchNorm3d, (2, 2, 3)),
-}
-# Ghost batch norm runs fused C kernels on CPU where they build (bigbatch/layers/_cpu_kernel.py) and
-# vectorised PyTorch ops elsewhere (GPU, torch.compile, or without a compiler): both must match.
+# Ghost batch norm runs fused C kernels on CPU where they build (bigbatch/layers/_cpu_kernel.py),
+# Triton kernels (here through Triton's interpreter, tests/test_ghost_bn_triton.py) and vectorised
+# PyTorch ops elsewhere: all must match.
 BACKENDS = {"kernel": contextlib.nullcontext, "torch ops": _cpu_kernel.disabled}
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@contextlib.contextmanager
+def _triton():
+    """BIGBATCH_GBN_BACKEND=triton for a block (the interpreter runs it on CPU, see conftest)."""
+    before = os.environ.get("BIGBATCH_GBN_BACKEND")
+    os.environ["BIGBATCH_GBN_BACKEND"] = "triton"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["BIGBATCH_GBN_BACKEND"]
+        else:
+            os.environ["BIGBATCH_GBN_BACKEND"] = before
+    # A failed launch falls back to the ops, which would pass the comparisons: refuse it.
+    assert not backend._failed, backend._failed
+
+
+# Every backend, Triton included when it imports (the gradchecks of the slow interpreter are in
+# test_ghost_bn_triton.py).
+ALL_BACKENDS = {**BACKENDS, **({"triton": _triton} if HAS_TRITON else {})}
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
-
-
-def make_pair(case, num_features, ghost_batch_size, dtype=torch.float64, **kwargs):
-    """A ghost layer and the chunked-BN reference with equal (random) parameters and buffers."""
-    ghost_cls, bn_cls, _ = CASES[case]
-    ghost = ghost_cls(num_features, ghost_batch_size, dtype=dtype, **kwargs)
-    bn = bn_cls(num_features, dtype=dtype, **kwargs)
-    with torch.no_grad():
-        for p in ghost.parameters():
-            p.uniform_(0.5, 1.5)
-        if ghost.track_running_stats:
-            ghost.running_mean.normal_()
-            ghost.running_var.uniform_(0.5, 2.0)
-            ghost.num_batches_tracked.fill_(3)
-    bn.load_state_dict(ghost.state_dict())
-    return ghost, ChunkedBatchNorm(bn, ghost_batch_size)
-
-
-def make_input(case, batch, num_features, dtype=torch.float64):
-    # An offset mean and non-unit scale, so a wrong mean or variance cannot hide.
-    x = torch.randn(batch, num_features, *CASES[case][2], dtype=dtype) * 3 + 2
-    return x.requires_grad_()
-
-
-def assert_same_step(ghost, ref, x, *, tol, check_grads=True, call=None):
-    """One forward (and backward) on both; compare everything the spec names.
-
-    ``call``: what runs the ghost layer (e.g. its torch.compile wrapper), default the layer.
-    """
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = (ghost if call is None else call)(x), ref(x_ref)
-    torch.testing.assert_close(y, y_ref, **tol)
-    if check_grads:
-        grad_out = torch.randn_like(y)
-        y.backward(grad_out)
-        y_ref.backward(grad_out)
-        torch.testing.assert_close(x.grad, x_ref.grad, **tol)
-        for p, p_ref in zip(ghost.parameters(), ref.bn.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, p_ref.grad, **tol)
-    for name, buf in ghost.named_buffers():
-        torch.testing.assert_close(buf, getattr(ref.bn, name), **tol)
 
 
 @given(
@@ -88,7 +67,7 @@ def assert_same_step(ghost, ref, x, *, tol, check_grads=True, call=None):
     track_running_stats=st.booleans(),
     dtype=st.sampled_from([torch.float64, torch.float32]),
     steps=st.integers(1, 3),
-    backend=st.sampled_from(sorted(BACKENDS)),
+    backend=st.sampled_from(sorted(ALL_BACKENDS)),
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference(
@@ -119,7 +98,7 @@ def test_matches_reference(
         track_running_stats=track_running_stats,
     )
     torch.manual_seed(seed)  # the inputs are part of the example: a failure replays exactly
-    with BACKENDS[backend]():
+    with ALL_BACKENDS[backend]():
         for _ in range(steps):
             ghost.zero_grad()
             ref.zero_grad()
@@ -285,18 +264,21 @@ def test_autocast_bfloat16():
         assert ghost(x.new_ones(10, 4, 2, 2).normal_()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", sorted(ALL_BACKENDS))
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_compile_fullgraph(momentum):
+def test_compile_fullgraph(momentum, backend):
+    """Compiled: the traced ops (CPU backends) or the Triton custom op, no graph break; a random
+    output gradient (assert_same_step) so that a wrong compiled backward cannot hide."""
+    torch._dynamo.reset()  # retrace for this backend (see bigbatch/layers/backend.py)
     ghost, ref = make_pair("2d", 3, 4, dtype=torch.float32, momentum=momentum)
     compiled = torch.compile(ghost, fullgraph=True, backend="aot_eager")
-    for batch in (10, 4):  # a remainder ghost batch, then the single-ghost-batch fast path
-        ghost.zero_grad()
-        ref.zero_grad()
-        x = make_input("2d", batch, 3, torch.float32)
-        # A random output gradient: with y.sum() the true input gradient of BN is ~0, which
-        # would hide a wrong compiled backward.
-        assert_same_step(ghost, ref, x, tol=TOL[torch.float32], call=compiled)
-        assert ghost.num_batches_tracked.item() == ref.bn.num_batches_tracked.item()
+    with ALL_BACKENDS[backend]():
+        for batch in (10, 4):  # a remainder ghost batch, then the single-ghost-batch fast path
+            ghost.zero_grad()
+            ref.zero_grad()
+            x = make_input("2d", batch, 3, torch.float32)
+            assert_same_step(ghost, ref, x, tol=TOL[torch.float32], call=compiled)
+            assert ghost.num_batches_tracked.item() == ref.bn.num_batches_tracked.item()
 
 
 @pytest.mark.slow
@@ -369,9 +351,55 @@ def test_eval_without_running_stats_is_batch_norm():
 def test_docstring_examples():
     import doctest
 
+    import bigbatch.layers.backend
     import bigbatch.layers.convert
     import bigbatch.layers.ghost_bn
 
-    for module in (bigbatch.layers.ghost_bn, bigbatch.layers.convert):
+    for module in (bigbatch.layers.ghost_bn, bigbatch.layers.convert, bigbatch.layers.backend):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("backend", sorted(ALL_BACKENDS))
+@pytest.mark.parametrize("ghost_batch_size", [1, 2, 5])
+@pytest.mark.parametrize(
+    "case, batch, momentum",
+    [("1d", 0, 0.1), ("2d", 0, None), ("3d", 0, 0.1), ("1d_length", 11, 0.1)],
+)
+def test_empty_input_is_batch_norm(case, batch, momentum, ghost_batch_size, backend):
+    """N = 0 (or no spatial values) at every ghost size: an empty output and gradient, unchanged
+    running statistics and one count per (empty) slice, as nn.BatchNorm gives slice by slice."""
+    ghost, ref = make_pair(case, 3, ghost_batch_size, momentum=momentum)
+    x = make_input(case, batch, 3)
+    if case == "1d_length":
+        x = x.detach()[..., :0].requires_grad_()  # (11, 3, 0)
+    with ALL_BACKENDS[backend]():
+        assert_same_step(ghost, ref, x, tol=TOL[torch.float64])
+    expected = 3 + (1 if batch == 0 else -(-batch // ghost_batch_size))
+    assert ghost.num_batches_tracked.item() == expected
+
+
+def test_jit_script_is_refused_with_what_works():
+    model = convert_ghost_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), 4)
+    with pytest.raises(TypeError, match=r"torch.jit.script cannot compile GhostBatchNorm2d.*"
+                       r"torch.export.export or torch.onnx.export"):  # fmt: skip
+        torch.jit.script(model)
+    torch.jit.script(revert_ghost_batchnorm(model).eval())  # the suggested eval-only copy works
+
+
+def test_export_works():
+    """torch.export, which the jit.script refusal points to, traces a converted model (eval)."""
+    model = convert_ghost_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), 4)
+    model.eval()
+    x = torch.randn(8, 3, 2, 2)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_lazy_batchnorm_is_converted_once_materialised():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"cannot convert LazyBatchNorm2d.*run one batch"):
+        convert_ghost_batchnorm(model, 4)
+    model(torch.randn(8, 3, 2, 2))  # materialises: now an nn.BatchNorm2d with 4 features
+    convert_ghost_batchnorm(model, 4)
+    assert isinstance(model[1], GhostBatchNorm2d) and model[1].num_features == 4

@@ -68,10 +68,12 @@ def test_failed_build_falls_back_with_one_warning(fresh_loader, monkeypatch, cap
         assert not _cpu_kernel.available()  # decided once per process
     assert "not built" in _cpu_kernel.status()
     warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
-    assert len(warnings) == 1 and "BIGBATCH_CPU_KERNEL=0" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "BIGBATCH_GBN_BACKEND=torch" in warnings[0].getMessage()
     assert list(fresh_loader.glob("*.so")) == [] and list(fresh_loader.glob(".*tmp")) == []
     x = torch.randn(10, 3, requires_grad=True)
-    y = ghost_batch_norm(x, None, None, ghost_batch_size=4, training=True)  # still works
+    with caplog.at_level(logging.WARNING):  # the fallback itself adds no second warning
+        y = ghost_batch_norm(x, None, None, ghost_batch_size=4, training=True)  # still works
+    assert len(caplog.records) == 1
     torch.testing.assert_close(y[:4], torch.nn.functional.batch_norm(x[:4], None, None, None,
                                                                       None, True))  # fmt: skip
 

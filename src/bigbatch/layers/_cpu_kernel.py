@@ -7,11 +7,13 @@ nothing to build at install time. They share torch's OpenMP thread pool (the lib
 (``torch.get_num_threads()``).
 
 Where they cannot be used — not Linux, torch built without OpenMP, no C compiler, a failed build, or
-``BIGBATCH_CPU_KERNEL=0`` — ghost batch norm runs its vectorised PyTorch ops instead (same results,
-slower on CPU); :func:`status` says which and why, and ``benchmarks/ghost_bn.py`` prints it.
+``BIGBATCH_GBN_BACKEND=torch`` (see ``backend.py``) — ghost batch norm runs its vectorised PyTorch
+ops instead (same results, slower on CPU); :func:`status` says which and why, and
+``benchmarks/ghost_bn.py`` prints it.
 
 Environment:
-    BIGBATCH_CPU_KERNEL: ``0`` to never use the kernels (``1``, the default, to use them).
+    BIGBATCH_CPU_KERNEL: deprecated (``backend.py`` warns): ``0`` never builds or uses the kernels;
+        use ``BIGBATCH_GBN_BACKEND=torch`` instead.
     BIGBATCH_CACHE_DIR: where the built library is kept (default ``$XDG_CACHE_HOME/bigbatch`` or
         ``~/.cache/bigbatch``). The file name holds a hash of the source, compiler, flags and CPU
         model, so a changed source or another machine sharing the directory gets its own build.
@@ -150,7 +152,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         _LOG.warning(
             "bigbatch: ghost batch norm's CPU kernel could not be built or loaded (%s); using the "
-            "slower PyTorch ops. Set BIGBATCH_CPU_KERNEL=0 to silence this.",
+            "slower PyTorch ops. Set BIGBATCH_GBN_BACKEND=torch to silence this.",
             exc,
         )
         return None, f"not built: {exc}"

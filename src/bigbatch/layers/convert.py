@@ -15,11 +15,15 @@ activation, so it is left alone):
                           is unknown until forward). Ghost statistics are per process, never
                           synchronised; the process group is kept on the layer so that
                           reverting restores it.
+
+``nn.LazyBatchNorm*d`` becomes ``nn.BatchNorm*d`` on its first forward pass and is converted then;
+before that it is refused (its number of features is unknown).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.batchnorm import _LazyNormBase
 
 from bigbatch.layers import ghost_bn
 from bigbatch.layers.ghost_bn import (
@@ -49,6 +53,15 @@ def _refuse_wrapped(module: nn.Module) -> None:
         raise ValueError(
             "cannot convert a DistributedDataParallel-wrapped model: its buffers and gradient "
             "buckets are already registered; convert model.module, then wrap again"
+        )
+
+
+def _refuse_lazy(module: nn.Module) -> None:
+    # A materialised nn.LazyBatchNorm2d has become an nn.BatchNorm2d and is converted like one.
+    if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+        raise ValueError(
+            f"cannot convert {type(module).__name__}: it has no num_features until its first "
+            f"forward pass; run one batch through the model, then call convert_ghost_batchnorm"
         )
 
 
@@ -92,7 +105,8 @@ def convert_ghost_batchnorm(module: nn.Module, ghost_batch_size: int = 128) -> n
         The converted model.
 
     Raises:
-        ValueError: for a bad ``ghost_batch_size`` or a DistributedDataParallel-wrapped model.
+        ValueError: for a bad ``ghost_batch_size``, a DistributedDataParallel-wrapped model, or
+            an ``nn.LazyBatchNorm*d`` not yet materialised (run one forward pass first).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
@@ -102,6 +116,7 @@ def convert_ghost_batchnorm(module: nn.Module, ghost_batch_size: int = 128) -> n
     """
     _check_ghost_batch_size(ghost_batch_size)
     _refuse_wrapped(module)
+    _refuse_lazy(module)
     if isinstance(module, _GhostBatchNorm):
         module.ghost_batch_size = int(ghost_batch_size)
         return module

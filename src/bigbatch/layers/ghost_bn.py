@@ -1,22 +1,20 @@
-"""Ghost Batch Normalization (Hoffer, Hubara, Soudry 2017, Algorithm 1), vectorised.
+"""Ghost Batch Normalization (Hoffer, Hubara, Soudry 2017, Algorithm 1): the functional and modules.
 
 In training, ``GhostBatchNorm*d(x)`` equals applying the matching ``nn.BatchNorm*d`` (same weight,
 bias and buffers) to each slice of ``x.split(ghost_batch_size)`` in order and concatenating the
 results: outputs, gradients, ``running_mean``, ``running_var`` and ``num_batches_tracked`` all
-match, including a shorter last ghost batch, ``momentum=None`` and ``track_running_stats=False``. In
-evaluation it *is* ``nn.BatchNorm*d``. ``tests/test_ghost_bn.py`` proves this against
-``tests/reference.py``.
+match, including a shorter last ghost batch, ``momentum=None``, ``track_running_stats=False`` and an
+empty batch. In evaluation it *is* ``nn.BatchNorm*d``. ``tests/test_ghost_bn.py`` proves this
+against ``tests/reference.py``.
 
 How it is fast. The official code runs forward and backward once per ghost batch. Here one custom
-autograd Function handles every ghost batch at once. On CPU it calls fused C kernels
-(``ghost_bn_cpu.c``, built on first use, see ``_cpu_kernel.py``): each (ghost batch, channel
-block) is read once for its statistics and once, from cache, for the output, in parallel on torch's
-threads; 0.7-1.0x the time of ``nn.BatchNorm`` (benchmarks/RESULTS.md). Elsewhere (GPU, no C
-compiler, ``BIGBATCH_CPU_KERNEL=0``) the batch is viewed, without a copy, as ``(k, g, ...)`` ghost
-groups (plus at most one shorter remainder group) and a few whole-tensor ops compute the same
-statistics, output and gradients into single buffers. Under ``torch.compile`` plain differentiable
-ops are traced instead of the Function. The running statistics after k ghost batches are applied
-in closed form (see ``_update_running_stats``) instead of k sequential updates.
+autograd Function (``_function.py``) handles every ghost batch at once, by one of three backends
+(``backend.py``; ``BIGBATCH_GBN_BACKEND=auto|c|triton|torch``): fused C kernels on CPU
+(``ghost_bn_cpu.c``, 0.5-1.0x the time of ``nn.BatchNorm``, benchmarks/RESULTS.md), Triton kernels
+on CUDA (``_triton_kernel.py``), or a few whole-tensor PyTorch ops over a ``(k, g, ...)`` view of
+the batch. Under ``torch.compile`` the Triton path is a custom op (``_triton_op.py``) and the other
+paths trace plain differentiable ops. The running statistics after k ghost batches are applied in
+closed form (``_running_stats.py``) instead of k sequential updates.
 """
 
 from __future__ import annotations
@@ -30,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bigbatch.layers import _cpu_kernel
+from bigbatch.layers import _running_stats, _triton_op, backend
+from bigbatch.layers._function import GhostBatchNormFunction, forward_ops
+from bigbatch.layers._layout import memory_format
 
 __all__ = [
     "ghost_batch_norm",
@@ -39,8 +39,6 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
 ]
-
-_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_ghost_batch_size(ghost_batch_size: object) -> None:
@@ -58,7 +56,7 @@ def _check_ghost_batch_size(ghost_batch_size: object) -> None:
 def _check_single_value(x: Tensor, ghost_batch_size: int) -> None:
     """Refuse a ghost batch with one value per channel (as nn.BatchNorm does), saying what to do."""
     n = x.shape[0]
-    values_per_sample = math.prod(x.shape[2:]) if n else 1
+    values_per_sample = math.prod(x.shape[2:])
     last = n - (-(-n // ghost_batch_size) - 1) * ghost_batch_size
     if last * values_per_sample != 1:
         return
@@ -82,331 +80,57 @@ def _check_single_value(x: Tensor, ghost_batch_size: int) -> None:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Layout: every input is handled as a contiguous 3-d tensor, either (N, C, S) ("channels first") or
-# (N, S, C) ("channels last", also used for (N, C) input), where S is the product of spatial sizes.
-# Both are views of a tensor that is contiguous in its memory format, so no data is copied.
+def _check_rank(x: Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"ghost_batch_norm expects an input of shape (N, C, *), got {x.dim()}-d shape "
+            f"{tuple(x.shape)}; add a batch dimension"
+        )
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    if (
-        x.dim() == 5
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+def _empty_batch(x, running_mean, running_var, weight, bias, ghost_batch_size, eps, nbt):
+    """No values (N = 0 or a zero-sized spatial dim): as nn.BatchNorm on each empty slice, an empty
+    output and unchanged running statistics; each slice (one for N = 0) still counts as a batch."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.0, eps)
+    if running_mean is not None and running_var is not None and nbt is not None:
+        nbt.add_(max(1, -(-x.shape[0] // ghost_batch_size)))
+    return y
 
 
-def _channels_last(x: Tensor, memory_format: torch.memory_format) -> bool:
-    return x.dim() == 2 or memory_format != torch.contiguous_format
+def _one_ghost_batch(x, running_mean, running_var, weight, bias, momentum, eps, nbt):
+    """A batch no larger than one ghost batch: exactly nn.BatchNorm.
 
-
-def _to_3d(t: Tensor, channels_last: bool) -> Tensor:
-    n, c = t.shape[:2]
-    if t.dim() == 2:
-        return t.unsqueeze(1)
-    if channels_last:
-        return t.movedim(1, -1).reshape(n, -1, c)
-    return t.reshape(n, c, -1)
-
-
-def _view_3d(t: Tensor, channels_last: bool) -> Tensor:
-    """``_to_3d`` for a tensor to be written through: must be a view, never a copy."""
-    t3 = _to_3d(t, channels_last)
-    if t3.data_ptr() != t.data_ptr() or not t3.is_contiguous():
-        raise RuntimeError(f"internal: no contiguous 3-d view of a {tuple(t.shape)} tensor")
-    return t3
-
-
-def _from_3d(t3: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
-    if len(shape) == 2:
-        return t3.squeeze(1)
-    if channels_last:
-        return t3.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-    return t3.reshape(shape)
-
-
-def _groups(t3: Tensor, ghost_batch_size: int) -> list[Tensor]:
-    """(k, g, A, B) view of the full ghost batches, then (1, r, A, B) for a shorter last one."""
-    n = t3.shape[0]
-    k = n // ghost_batch_size
-    full = k * ghost_batch_size
-    groups = [t3[:full].view(k, ghost_batch_size, *t3.shape[1:])]
-    if full < n:
-        groups.append(t3[full:].unsqueeze(0))
-    return groups
-
-
-class _GhostBatchNormFunction(torch.autograd.Function):
-    """Per-ghost-batch normalisation with a hand-written backward.
-
-    Forward, per ghost batch and channel over M = (samples x spatial) values: mean mu, biased
-    variance var, invstd = 1/sqrt(var + eps), y = x * (w * invstd) + (b - mu * w * invstd).
-    Backward, with the standard batch-norm gradient (x_hat = (x - mu) * invstd):
-        dL/dx = w * invstd * (dy - sum(dy)/M - x_hat * sum(dy * x_hat)/M)
-              = A * dy + B * x + D,  A = w*invstd, B = -A*invstd^2*sum(dy*(x-mu))/M,
-                                     D = -A*sum(dy)/M - B*mu
-        dL/dw = sum over ghost batches of invstd * sum(dy * (x - mu)),   dL/db = sum(dy).
-    Each quantity is a whole-tensor reduction or a fused multiply-add over the (k, g, ...) view,
-    written into the dx buffer, so the only large allocation is dx itself (autograd through the
-    forward ops makes several; measured about 1.5x slower). Double backward (create_graph=True)
-    differentiates a recomputation with out-of-place ops instead. ``test_gradcheck`` proves both
-    with gradcheck and gradgradcheck in float64.
-
-    Returns the output and, as non-differentiable outputs, the per-ghost means and biased variances
-    ``(G, C)`` for the running statistics.
+    momentum=None is done in closed form (no ``.item()``, so torch.compile keeps one graph):
+    momentum=1 copies the batch statistics into scratch buffers.
     """
-
-    @staticmethod
-    def forward(ctx, x_in, weight, bias, ghost_batch_size, eps):
-        memory_format = _memory_format(x_in)
-        channels_last = _channels_last(x_in, memory_format)
-        x = x_in.contiguous(memory_format=memory_format)
-        compute_dtype = torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
-        xc = x.to(compute_dtype)
-        w = None if weight is None else weight.to(compute_dtype).contiguous()
-        b = None if bias is None else bias.to(compute_dtype).contiguous()
-        out = torch.empty_like(xc)  # written through views: the output itself is no view
-        ctx.ghost_batch_size = ghost_batch_size
-        ctx.eps = eps
-        ctx.kernel = _cpu_kernel.usable(xc)
-        if ctx.kernel:  # fused C kernels (see _cpu_kernel.py): one pass per direction over memory
-            stats = _cpu_kernel.forward(
-                _to_3d(xc, channels_last).contiguous(),
-                w,
-                b,
-                ghost_batch_size,
-                eps,
-                channels_last,
-                _view_3d(out, channels_last),
-            )
-            ctx.save_for_backward(x_in, weight, bias, stats)
-            mean, var = stats[0], stats[1]
-            ctx.mark_non_differentiable(mean, var)
-            return out.to(x.dtype), mean, var
-        shape = _param_shape(channels_last)
-        w = None if w is None else w.view(shape)
-        b = None if b is None else b.view(shape)
-        dims = _reduce_dims(channels_last)
-        means, invstds, variances = [], [], []
-        # At most two groups: the ghost batches that fill the batch, then the shorter last one.
-        for xg, og in zip(
-            _groups(_to_3d(xc, channels_last), ghost_batch_size),
-            _groups(_to_3d(out, channels_last), ghost_batch_size),
-            strict=True,
-        ):
-            count = xg.shape[1] * xg.shape[dims[1]]
-            mean = xg.sum(dims, keepdim=True).div_(count)
-            # Two-pass variance (as nn.BatchNorm's CPU kernel): no cancellation when |mean| >> std.
-            torch.sub(xg, mean, out=og)
-            og.square_()
-            var = og.sum(dims, keepdim=True).div_(count)
-            invstd = (var + eps).rsqrt_()
-            scale = invstd if w is None else invstd * w
-            shift = -mean * scale if b is None else b - mean * scale
-            torch.addcmul(shift, xg, scale, out=og)
-            means.append(mean)
-            invstds.append(invstd)
-            variances.append(var)
-        ctx.save_for_backward(x_in, weight, bias, *means, *invstds)
-        batch_mean = torch.cat([m.flatten(1) for m in means])
-        batch_var = torch.cat([v.flatten(1) for v in variances])
-        ctx.mark_non_differentiable(batch_mean, batch_var)
-        return out.to(x.dtype), batch_mean, batch_var
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
-        x, weight, bias, *stats = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation instead
-            return _double_backward(ctx, x, weight, bias, grad_out)
-        g = ctx.ghost_batch_size
-        memory_format = _memory_format(x)
-        channels_last = _channels_last(x, memory_format)
-        compute_dtype = stats[0].dtype
-        xc = x.contiguous(memory_format=memory_format).to(compute_dtype)
-        dy = grad_out.contiguous(memory_format=memory_format).to(compute_dtype)
-        if ctx.kernel:
-            (stats,) = stats
-            w = None if weight is None else weight.to(compute_dtype).reshape(-1).contiguous()
-            dx = torch.empty_like(xc) if ctx.needs_input_grad[0] else None
-            grad_w, grad_b = _cpu_kernel.backward(
-                _to_3d(xc, channels_last).contiguous(),
-                _to_3d(dy, channels_last).contiguous(),
-                w,
-                stats,
-                g,
-                channels_last,
-                ctx.needs_input_grad[:3],
-                None if dx is None else _view_3d(dx, channels_last),
-            )
-            grad_x = None if dx is None else dx.to(x.dtype)
-            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-            return grad_x, grad_w, grad_b, None, None
-        means, invstds = stats[: len(stats) // 2], stats[len(stats) // 2 :]
-        dx = torch.empty_like(xc)
-        w = None if weight is None else weight.to(compute_dtype).view(_param_shape(channels_last))
-        dims = _reduce_dims(channels_last)
-        grad_weight = grad_bias = 0
-        for xg, dyg, dxg, mean, invstd in zip(
-            _groups(_to_3d(xc, channels_last), g),
-            _groups(_to_3d(dy, channels_last), g),
-            _groups(_to_3d(dx, channels_last), g),
-            means,
-            invstds,
-            strict=True,
-        ):
-            count = xg.shape[1] * xg.shape[dims[1]]
-            sum_dy = dyg.sum(dims, keepdim=True)
-            torch.sub(xg, mean, out=dxg)  # dx's buffer doubles as scratch for dy * (x - mu)
-            dxg.mul_(dyg)
-            sum_dy_xmu = dxg.sum(dims, keepdim=True)
-            grad_weight = grad_weight + (sum_dy_xmu * invstd).sum((0,) + dims)
-            grad_bias = grad_bias + sum_dy.sum((0,) + dims)
-            if ctx.needs_input_grad[0]:
-                a = invstd if w is None else w * invstd
-                b = -a * invstd * invstd * sum_dy_xmu / count
-                d = -a * sum_dy / count - b * mean
-                torch.addcmul(d, xg, b, out=dxg)
-                dxg.addcmul_(dyg, a)
-        grad_x = dx.to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = grad_bias.to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+    if running_mean is None or running_var is None:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if momentum is not None:
+        if nbt is not None:
+            nbt.add_(1)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    batch_mean, batch_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+    y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    with torch.no_grad():
+        _running_stats.update_running_stats(
+            running_mean, running_var, batch_mean[None], batch_var[None], None, nbt
+        )
+    return y
 
 
-def _param_shape(channels_last: bool) -> tuple[int, ...]:
-    return (1, 1, 1, -1) if channels_last else (1, 1, -1, 1)
-
-
-def _reduce_dims(channels_last: bool) -> tuple[int, int]:
-    """Dims of a (groups, samples, A, B) view to reduce: samples and the spatial one of A, B."""
-    return (1, 2) if channels_last else (1, 3)
-
-
-def _ghost_forward_ops(
-    x: Tensor, weight, bias, ghost_batch_size: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The same maths as _GhostBatchNormFunction.forward with out-of-place, differentiable ops.
-
-    Used for double backward, and under torch.compile, which traces these ops (and fuses them)
-    instead of a custom Function: some torch versions compile the Function's backward wrongly
-    (torch 2.11 on CUDA gave a wrong input gradient; see tests/test_ghost_bn_cuda.py). Returns the
-    output and the per-ghost-batch means and biased variances ``(G, C)``, detached.
-    """
-    memory_format = _memory_format(x)
-    channels_last = _channels_last(x, memory_format)
-    shape = _param_shape(channels_last)
-    dims = _reduce_dims(channels_last)
-    xc = x.contiguous(memory_format=memory_format)
-    xc = xc.float() if xc.dtype in _REDUCED_PRECISION else xc
-    outs, means, variances = [], [], []
-    for xg in _groups(_to_3d(xc, channels_last), ghost_batch_size):
-        var, mean = torch.var_mean(xg, dims, keepdim=True, correction=0)
-        y = (xg - mean) * torch.rsqrt(var + eps)
-        if weight is not None:
-            y = y * weight.to(y.dtype).view(shape)
-        if bias is not None:
-            y = y + bias.to(y.dtype).view(shape)
-        outs.append(y.flatten(0, 1))
-        means.append(mean.detach().flatten(1))
-        variances.append(var.detach().flatten(1))
-    y = _from_3d(torch.cat(outs), x.shape, channels_last).to(x.dtype)
-    return y, torch.cat(means), torch.cat(variances)
-
-
-def _double_backward(ctx, x, weight, bias, grad_out):
-    inputs = [
-        t for t, needed in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True) if needed
-    ]
-    with torch.enable_grad():
-        y = _ghost_forward_ops(x, weight, bias, ctx.ghost_batch_size, ctx.eps)[0]
-    grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True))
-    grad_inputs = tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3])
-    return grad_inputs + (None, None)
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def _update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    batch_mean: Tensor,
-    batch_var_unbiased: Tensor,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-) -> None:
-    r"""Apply k = len(batch_mean) sequential batch-norm updates at once, in closed form.
-
-    With momentum m, nn.BatchNorm updates r_{i+1} = (1 - m) r_i + m s_i for each ghost batch i =
-    0..k-1
-    in order (s_i its mean, or its unbiased variance for running_var). Unrolling the recursion:
-
-        r_k = (1 - m)^k r_0 + sum_{i<k} m (1 - m)^(k-1-i) s_i,
-
-    a weighted sum whose weights are computed once as a (k, 1) tensor. With momentum=None
-    nn.BatchNorm first increments n = num_batches_tracked, then uses m = 1/n, i.e. n r_n = (n - 1)
-    r_{n-1} + s_n.
-    Telescoping from n0 = num_batches_tracked before the call to n0 + k:
-
-        (n0 + k) r = n0 r_0 + sum_i s_i,   so   r = (n0 r_0 + sum_i s_i) / (n0 + k),
-
-    the cumulative average with one count per ghost batch. ``test_matches_reference`` checks both
-    against nn.BatchNorm applied slice by slice; they agree to float rounding.
-    """
-    k = batch_mean.shape[0]
-    dtype = torch.promote_types(running_mean.dtype, torch.float32)
-    batch_mean = batch_mean.to(dtype)
-    batch_var_unbiased = batch_var_unbiased.to(dtype)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError(
-                "momentum=None (cumulative moving average) needs num_batches_tracked; pass the "
-                "module's num_batches_tracked buffer or use a float momentum"
-            )
-        n0 = num_batches_tracked.to(dtype)
-        new_mean = (n0 * running_mean.to(dtype) + batch_mean.sum(0)) / (n0 + k)
-        new_var = (n0 * running_var.to(dtype) + batch_var_unbiased.sum(0)) / (n0 + k)
-    else:
-        m = float(momentum)
-        decay = (1.0 - m) ** k
-        if _eager_cpu_update(running_mean, running_var, batch_mean, momentum):
-            # The same weights from Python numbers and two fused in-place ops: cheaper per call.
-            # (Under torch.compile k may be symbolic, hence the tensor form below.)
-            weights = batch_mean.new_tensor([m * (1.0 - m) ** (k - 1 - i) for i in range(k)])
-            running_mean.addmv_(batch_mean.t(), weights, beta=decay)
-            running_var.addmv_(batch_var_unbiased.t(), weights, beta=decay)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(k)
-            return
-        exponents = torch.arange(k - 1, -1, -1, dtype=dtype, device=batch_mean.device)
-        weights = (m * (1.0 - m) ** exponents).unsqueeze(1)
-        new_mean = decay * running_mean.to(dtype) + (weights * batch_mean).sum(0)
-        new_var = decay * running_var.to(dtype) + (weights * batch_var_unbiased).sum(0)
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(k)
-
-
-def _eager_cpu_update(
-    running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, momentum: float | None
-) -> bool:
-    """Whether ``_update_running_stats`` can take its eager CPU path (same dtype, a momentum)."""
-    return (
-        momentum is not None
-        and batch_mean.device.type == "cpu"
-        and running_mean.dtype == running_var.dtype == batch_mean.dtype
-        and running_mean.device == batch_mean.device
-        and not torch.compiler.is_compiling()
+def _ghost_forward(x, weight, bias, ghost_batch_size: int, eps: float):
+    """(y, per-ghost means, per-ghost biased variances) by the backend ``backend.choose`` picks."""
+    choice = backend.choose(x)
+    fmt = memory_format(x)
+    if torch.compiler.is_compiling():
+        if choice.name == "triton" and _triton_op.AVAILABLE:
+            xc = x.contiguous(memory_format=fmt)
+            y, mean, var, _ = _triton_op.ghost_bn_forward(xc, weight, bias, ghost_batch_size, eps)
+            return y, mean, var
+        return forward_ops(x, weight, bias, ghost_batch_size, eps)
+    backend.warn_fallback(choice)
+    return GhostBatchNormFunction.apply(
+        x.contiguous(memory_format=fmt), weight, bias, ghost_batch_size, eps, choice.name
     )
 
 
@@ -458,11 +182,7 @@ def ghost_batch_norm(
         True
     """
     _check_ghost_batch_size(ghost_batch_size)
-    if x.dim() < 2:
-        raise ValueError(
-            f"ghost_batch_norm expects an input of shape (N, C, *), got {x.dim()}-d shape "
-            f"{tuple(x.shape)}; add a batch dimension"
-        )
+    _check_rank(x)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -470,59 +190,17 @@ def ghost_batch_norm(
                 "running_mean and running_var, or training=True to use batch statistics"
             )
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    _check_single_value(x, ghost_batch_size)
-    track = running_mean is not None and running_var is not None
-    if x.shape[0] <= ghost_batch_size:
-        # One ghost batch: exactly nn.BatchNorm. momentum=None is done in closed form (no .item(),
-        # so torch.compile keeps one graph): momentum=1 copies the batch stats into scratch buffers.
-        if not track:
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-        if momentum is not None:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
-        batch_mean, batch_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
-        y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
-        with torch.no_grad():
-            _update_running_stats(
-                running_mean,
-                running_var,
-                batch_mean[None],
-                batch_var[None],
-                None,
-                num_batches_tracked,
-            )
-        return y
+    stats = (running_mean, running_var)
     if x.numel() == 0:
-        # Empty samples (a zero-sized spatial dim): nn.BatchNorm on each empty slice returns it
-        # empty and leaves the running statistics alone; each slice still counts as a batch.
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.0, eps)
-        if track and num_batches_tracked is not None:
-            num_batches_tracked.add_(-(-x.shape[0] // ghost_batch_size))
-        return y
-    if torch.compiler.is_compiling():
-        y, batch_mean, batch_var = _ghost_forward_ops(x, weight, bias, ghost_batch_size, eps)
-    else:
-        y, batch_mean, batch_var = _GhostBatchNormFunction.apply(
-            x, weight, bias, ghost_batch_size, eps
+        return _empty_batch(x, *stats, weight, bias, ghost_batch_size, eps, num_batches_tracked)
+    _check_single_value(x, ghost_batch_size)
+    if x.shape[0] <= ghost_batch_size:
+        return _one_ghost_batch(x, *stats, weight, bias, momentum, eps, num_batches_tracked)
+    y, batch_mean, batch_var = _ghost_forward(x, weight, bias, ghost_batch_size, eps)
+    if running_mean is not None and running_var is not None:
+        _running_stats.track(
+            x, batch_mean, batch_var, *stats, ghost_batch_size, momentum, num_batches_tracked
         )
-    if track:
-        n, k = x.shape[0], batch_mean.shape[0]
-        values_per_sample = math.prod(x.shape[2:])
-        full = ghost_batch_size * values_per_sample
-        last = (n - (k - 1) * ghost_batch_size) * values_per_sample
-        # Values per (ghost batch, channel), built on the stats' device: no host-to-device copy.
-        counts = torch.full((k, 1), full, dtype=batch_var.dtype, device=batch_var.device)
-        counts[-1] = last
-        with torch.no_grad():
-            _update_running_stats(
-                running_mean,
-                running_var,
-                batch_mean,
-                batch_var * counts / (counts - 1),  # unbiased, as nn.BatchNorm stores
-                momentum,
-                num_batches_tracked,
-            )
     return y
 
 
@@ -578,6 +256,15 @@ class _GhostBatchNorm(_BatchNorm):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (N, C, *), got {input.dim()}-d"
             )
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script cannot compile the training path (backend choice, custom Function);
+        # say what works instead of failing deep inside the scripting compiler.
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__name__}; export the model with "
+            f"torch.export.export or torch.onnx.export instead (both work), or script "
+            f"revert_ghost_batchnorm(model) for an evaluation-only copy"
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
