@@ -35,7 +35,7 @@ WORLD_SIZE = 2
 MODEL = "mlp_dropout_test"
 CONFIG = {
     "model": MODEL, "dataset": "synthetic", "batch_size": 32, "ghost_batch_size": 8,
-    "epochs": 2, "eval_every_updates": 32, "device": "cpu", "seed": 3, "progress": "none",
+    "epochs": 2, "eval_every": 32, "device": "cpu", "seed": 3, "progress": "none",
 }  # fmt: skip
 TIMING_KEYS = {"wall_time_s", "samples_per_s"}
 

@@ -65,7 +65,7 @@ def _ghost_bn_torch_ops():
 
 CONFIG = {
     "model": "f1", "model_options": {"hidden": 16}, "dataset": "synthetic", "batch_size": 32,
-    "ghost_batch_size": 8, "epochs": 3, "eval_every_updates": 32, "device": "cpu", "seed": 0,
+    "ghost_batch_size": 8, "epochs": 3, "eval_every": 32, "device": "cpu", "seed": 0,
     "progress": "none",
 }
 CLI_ARGS = ["--model", "f1", "--model-option", "hidden=16", "--dataset", "synthetic",

@@ -79,10 +79,11 @@ BAD_VALUES = {
     "warmup_epochs": (-1.0, "a number >= 0"),
     "regime": ("fast", "a regime table"),
     "epochs": (0, "a number > 0 or none"),
-    "clip_grad_norm": (math.inf, "a number > 0 or none"),
+    "clip": (math.inf, "a number > 0 or none"),
     "seed": (-1, "an integer >= 0"),
     "device": ("tpu", "'auto', 'cpu', 'cuda'"),
-    "eval_every_updates": (0, "an integer >= 1 or none"),
+    "out": ("", "a directory path or none"),
+    "eval_every": (0, "an integer >= 1 or none"),
     "eval_batch_size": (0, "an integer >= 1"),
     "log_diffusion": (1, "true or false"),
     "channels_last": ("maybe", "'auto', true or false"),
@@ -112,8 +113,8 @@ def test_every_config_key_rejects_a_bad_value_naming_key_value_and_allowed(key, 
     # the same value from a config file through the CLI: one line, exit 2, nothing written
     config = tmp_path / "run.toml"
     config.write_text(tomli_w.dumps({key: value}))
-    out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out)]) == 2
+    out = ["--out", str(tmp_path / "run")] if key != "out" else []  # --out would override it
+    assert main(["train", "--config", str(config), *out]) == 2
     line = _one_error_line(capsys)
     assert repr(value) in line and allowed in line
     assert _files(tmp_path) == ["run.toml"]
@@ -281,6 +282,40 @@ def test_disk_full_mid_run_is_one_line_keeps_last_pt_and_resumes_exactly(
     assert _temp_files(out) == [] and not (out / "summary.json").exists()
     monkeypatch.undo()  # space freed: the run resumes and ends as an uninterrupted one
     assert main(["train", "--resume", str(out), "--progress", "none"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
+    timing = {"wall_time_s", "samples_per_s"}
+    a, b = (
+        [{k: v for k, v in r.items() if k not in timing} for r in read_rows(d / "metrics.jsonl")]
+        for d in (tmp_path / "full", out)
+    )
+    assert a == b and len(a) == 4 and a[0]["val_loss"] != a[-1]["val_loss"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fd")
+def test_a_run_directory_written_with_the_old_key_names_still_resumes(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    from bigbatch.train.checkpoint import save_checkpoint
+
+    args = [*TINY, "--batch-size", "128", "--epochs", "1", "--eval-every", "4", "--clip", "5"]
+    out = tmp_path / "run"
+    monkeypatch.setattr(fileio.os, "fsync", _fails_on_second_checkpoint(os.fsync))
+    assert main(["train", *args, "--out", str(out)]) == 2  # stopped after the first checkpoint
+    monkeypatch.undo()
+    # Rewrite config.toml and the checkpoint's config as bigbatch 0.1 wrote them.
+    old_names = {"clip": "clip_grad_norm", "eval_every": "eval_every_updates"}
+    text = (out / "config.toml").read_text()
+    for new, old in old_names.items():
+        text = text.replace(f"\n{new} = ", f"\n{old} = ")
+    (out / "config.toml").write_text(text)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    state["config"] = {old_names.get(k, k): v for k, v in state["config"].items()}
+    save_checkpoint(out / "checkpoints" / "last.pt", state)
+    assert "clip_grad_norm = 5.0" in text and "eval_every_updates = 4" in text
+
+    with caplog.at_level("WARNING", logger="bigbatch"):
+        assert main(["train", "--resume", str(out), "--progress", "none"]) == 0
+    assert any("'clip_grad_norm' is deprecated" in r.getMessage() for r in caplog.records)
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
     timing = {"wall_time_s", "samples_per_s"}
     a, b = (

@@ -81,7 +81,7 @@ def test_clipping_bounds_the_gradient_norm():
 
 
 def test_a_run_writes_every_output(tmp_path):
-    summary = train(_config(ghost_batch_size=64, eval_every_updates=5), tmp_path)
+    summary = train(_config(ghost_batch_size=64, eval_every=5), tmp_path)
     assert summary["status"] == "complete" and summary["updates"] == 16  # 2 epochs x 8
     for name in ("config.toml", "metrics.csv", "metrics.jsonl", "diffusion.csv", "diffusion.jsonl",
                  "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
@@ -145,7 +145,7 @@ def test_divergence_skip_counts_skipped_steps(tmp_path, caplog):
 
 
 def test_warmup_and_lr_scaling_reach_the_optimizer(tmp_path):
-    cfg = _config(batch_size=512, lr_scaling="linear", warmup_epochs=1.0, eval_every_updates=1)
+    cfg = _config(batch_size=512, lr_scaling="linear", warmup_epochs=1.0, eval_every=1)
     train(cfg, tmp_path)
     lrs = [r["lr"] for r in read_rows(tmp_path / "metrics.csv")]
     # 4 updates per epoch; lr applied at epoch 0, .25, .5, .75 ramps from 0.1 to 0.4 (x4 linear)

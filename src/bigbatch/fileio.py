@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -49,6 +50,8 @@ __all__ = [
     "remove_stale_temp_files",
     "storage_error",
 ]
+
+log = logging.getLogger("bigbatch")
 
 TEMP_PATTERN = ".*.tmp"  # what atomic_write_bytes names its temporary files (mkstemp below)
 _WRITE_DELAY_ENV = "BIGBATCH_TEST_WRITE_DELAY_S"
@@ -79,17 +82,19 @@ def storage_error(exc: OSError, path: str | Path) -> StorageError:
     return error
 
 
-def remove_stale_temp_files(directory: str | Path) -> list[Path]:
-    """Delete temporary files left in ``directory`` by a write that was killed; returns them.
+def remove_stale_temp_files(*directories: str | Path) -> list[Path]:
+    """Delete temporary files left in ``directories`` by writes that were killed; returns them.
 
-    Only names that :func:`atomic_write_bytes` creates (``.NAME.XXXX.tmp``) are touched. Call it
-    when no other process writes to ``directory`` (on resume).
+    Only names that :func:`atomic_write_bytes` creates (``.NAME.XXXX.tmp``) are touched, and each
+    is logged. Call it when no other process writes to the directories (on resume).
     """
     removed = []
-    for path in Path(directory).glob(TEMP_PATTERN):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for directory in directories:
+        for path in Path(directory).glob(TEMP_PATTERN):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+                log.info("removed %s (left by an interrupted write)", path)
     return removed
 
 

@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.fileio import tomllib
+from bigbatch.fileio import remove_stale_temp_files, tomllib
 from bigbatch.report.tables import ARM_SLUGS, ARMS
+from bigbatch.train.keys import drop_none
 
 __all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "arm_configs", "list_presets", "load_preset",
            "run_grid"]  # fmt: skip
@@ -58,9 +59,6 @@ _TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overri
 _GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling")
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")
-# RunConfig keys that may change between two calls on the same grid (they do not change results).
-_FREE_KEYS = ("device", "progress", "num_workers", "data_dir", "download", "eval_batch_size",
-              "checkpoint_every_minutes")  # fmt: skip
 _PAPER_INFO_KEYS = ("source", "metric")
 
 
@@ -251,22 +249,17 @@ def _apply_overrides(preset: dict[str, Any], overrides: Mapping[str, Any]) -> di
     return _validate({**preset, "base": base, "grid": grid}, preset["name"])
 
 
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_drop_none(v) for v in value]
-    return value
-
-
 def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse to mix two different grids in one directory; return the old grid.toml if any."""
     path = out_dir / "grid.toml"
     if not path.is_file():
         return None
     old = tomllib.loads(path.read_text(encoding="utf-8"))
-    old_base = {k: v for k, v in old.get("base", {}).items() if k not in _FREE_KEYS}
-    new_base = {k: v for k, v in _drop_none(preset["base"]).items() if k not in _FREE_KEYS}
+    # Keys that may change between two calls on the same grid: they do not change results.
+    from bigbatch.train.rundir import fixed_keys
+
+    old_base = {k: old["base"][k] for k in fixed_keys(old.get("base", {}))}
+    new_base = {k: v for k, v in drop_none(preset["base"]).items() if k in fixed_keys([k])}
     diffs = [
         f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
         for k in sorted(set(old_base) | set(new_base))
@@ -284,33 +277,13 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
     return old
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    """The run's summary.json, or {} when it is absent or torn (the run is then unfinished)."""
-    import json
-
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
-
-
 def _train(config, run_dir: Path, *, resume: bool) -> dict[str, Any]:
     """Run one training run (an indirection so tests can count and intercept runs)."""
     from bigbatch.train.loop import train
 
     if resume:
-        _remove_stale_temp_files(run_dir, run_dir / "checkpoints")
+        remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     return train(config, run_dir, resume=resume)
-
-
-def _remove_stale_temp_files(*directories: Path) -> None:
-    """Temp files of writes killed mid-way (a killed run or report); nothing reads them."""
-    from bigbatch.train.checkpoint import remove_stale_temp_files
-
-    for directory in directories:
-        for path in remove_stale_temp_files(directory):
-            log.info("removed %s (left by an interrupted write)", path)
 
 
 def _one_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str:
@@ -383,11 +356,11 @@ def run_grid(
     # grid files and the report; the engine itself writes run files on rank 0 only.
     is_main = launcher_rank() == 0
     if is_main:
-        _remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
+        remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
 
     # grid.toml describes everything in the directory: the union with an earlier call's seeds/arms.
-    record = _drop_none(resolved)
-    record["overrides"] = _drop_none({k: v for k, v in (overrides or {}).items()})
+    record = drop_none(resolved)
+    record["overrides"] = drop_none({k: v for k, v in (overrides or {}).items()})
     if old is not None:
         old_grid = old.get("grid", {})
         seeds_before = set(old_grid.get("seeds", []))
@@ -397,6 +370,7 @@ def run_grid(
     import tomli_w
 
     from bigbatch.report.render import atomic_write
+    from bigbatch.train import rundir
 
     if is_main:
         atomic_write(out_dir / "grid.toml", tomli_w.dumps(record))
@@ -405,7 +379,7 @@ def run_grid(
     started = time.perf_counter()
     for index, (seed, arm) in enumerate(plan, 1):
         run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
-        previous = _read_summary(run_dir)
+        previous = rundir.read_summary(run_dir)
         status = previous.get("status")
         if status == "complete":
             log.info("[%d/%d] %s", index, len(plan),

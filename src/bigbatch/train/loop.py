@@ -6,7 +6,7 @@ What one run does, in order:
 2. for every global batch (one optimizer **update**): set lr/momentum/weight decay from the
    effective regime at the fractional epoch, run forward/backward (in micro-batches if asked,
    accumulating gradients), clip the gradient norm, check for NaN/Inf, step;
-3. at every evaluation (each epoch, or every ``eval_every_updates``): validation loss and
+3. at every evaluation (each epoch, or every ``eval_every``): validation loss and
    top-1/top-5 error, the train averages since the last evaluation, the weight distance
    ||w_t - w_0||; one row to ``metrics.csv``/``.jsonl``, then ``checkpoints/last.pt`` (and
    ``best.pt``);
@@ -52,9 +52,7 @@ from bigbatch.train.config import RunConfig, base_regime_dict, resolve_regime
 from bigbatch.train.evaluation import _evaluation_sums, _val_row, evaluate
 from bigbatch.train.metrics import MetricsLogger
 from bigbatch.train.progress import Progress, resolve_progress_mode
-
-# CHECKPOINT_FORMAT and _RESUME_FREE_KEYS (which the CLI imports) stay importable from here.
-from bigbatch.train.rundir import _RESUME_FREE_KEYS, CHECKPOINT_FORMAT, _Counters  # noqa: F401
+from bigbatch.train.rundir import _Counters
 
 __all__ = ["StepResult", "build_model", "evaluate", "forward_backward", "train"]
 
@@ -457,7 +455,7 @@ class _Run:
         mode = resolve_progress_mode(config.progress) if self.is_main else "none"
         progress = Progress(self.num_updates, c.updates, mode)
         upe = self.updates_per_epoch
-        every = config.eval_every_updates
+        every = config.eval_every
         ckpt_seconds = (config.checkpoint_every_minutes or math.inf) * 60
         no_sync = (
             (lambda last: self.dist.no_sync_context(self.train_model, last))
@@ -495,7 +493,7 @@ class _Run:
                         no_sync=no_sync,
                         world_size=self.ctx.world_size,
                     )
-                    grad_norm = _grad_norm(self.params, config.clip_grad_norm)
+                    grad_norm = _grad_norm(self.params, config.clip)
                     # Rank 0's clock decides a timed checkpoint (a collective: all must agree).
                     time_due = (
                         self.is_main

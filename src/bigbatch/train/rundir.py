@@ -37,24 +37,13 @@ from bigbatch.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from bigbatch.train.config import RESOLVED_KEY, RunConfig
+from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig
 from bigbatch.train.metrics import read_rows, truncate_rows
 
 log = logging.getLogger("bigbatch.train")
 
 CHECKPOINT_FORMAT = "bigbatch-checkpoint-v1"
 CHECKPOINT_DIR = "checkpoints"
-# Config keys that may differ between a run and its resume: they do not change what is computed
-# (device aside, which the user changes knowingly, e.g. to finish a GPU run on another machine).
-_RESUME_FREE_KEYS = {
-    "device",
-    "progress",
-    "num_workers",
-    "data_dir",
-    "download",
-    "checkpoint_every_minutes",
-    "eval_batch_size",
-}
 _OUTPUTS = [f"{name}{suffix}" for name in ("metrics", "diffusion") for suffix in (".csv", ".jsonl")]
 
 
@@ -124,7 +113,7 @@ def _prepare_run_dir_main(
             )
         saved = RunConfig.from_dict(state["config"]).to_dict()
         now = config.to_dict()
-        changed = [k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k]]
+        changed = fixed_keys(k for k in now if saved.get(k) != now[k])
         if changed:
             k = changed[0]
             raise ConfigError(
@@ -183,10 +172,26 @@ def truncate_outputs(run_dir: Path, updates: int) -> None:
         truncate_rows(run_dir / name, updates)
 
 
+def fixed_keys(names: Any) -> list[str]:
+    """The names (sorted) of config keys that cannot change on resume (not in
+    ``RESUME_FREE_KEYS``, which :mod:`bigbatch.train.config` builds from the keys' declarations).
+
+    Example:
+        >>> fixed_keys(["device", "batch_size", "seed"])
+        ['batch_size', 'seed']
+    """
+    return sorted(k for k in names if k not in RESUME_FREE_KEYS)
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    """``summary.json``, or ``{}`` when there is none (or it cannot be read)."""
-    path = run_dir / "summary.json"
-    return _read_json(path) if path.exists() else {}
+    """``summary.json`` of the run in ``run_dir``, or ``{}`` when it is absent, torn or not a
+    table (the run is then unfinished). The one reader of summaries: the loop, the CLI, the grid.
+    """
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -341,10 +346,3 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
