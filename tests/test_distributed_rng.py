@@ -25,7 +25,7 @@ from torch import nn
 
 from bigbatch import models
 from bigbatch.models.registry import step_regime
-from bigbatch.train import RunConfig, loop, train
+from bigbatch.train import RunConfig, rundir, train
 from bigbatch.train.checkpoint import load_checkpoint, save_checkpoint
 from bigbatch.train.metrics import read_rows
 
@@ -76,13 +76,13 @@ def _worker(rank: int, port: int, out_dir: str, job: str) -> None:
         train(RunConfig(**CONFIG), run_dir)
         (Path(out_dir) / f"mask{rank}.json").write_text(json.dumps(masks[0]))
     elif job == "stop_after_first_checkpoint":
-        save = loop._Run._save
+        save = rundir.save
 
-        def save_then_stop(self, *, best):
-            save(self, best=best)
+        def save_then_stop(*args, **kwargs):
+            save(*args, **kwargs)
             raise _Stop  # on every process at the same update, like a job killed there
 
-        loop._Run._save = save_then_stop
+        rundir.save = save_then_stop
         with pytest.raises(_Stop):  # train() tears the process group down on the way out
             train(RunConfig(**CONFIG), run_dir)
     else:  # "resume"

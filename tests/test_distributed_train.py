@@ -344,14 +344,14 @@ def test_cli_errors_under_ddp(fake_world, tmp_path, capsys, world_size, args, me
 
 
 def test_inexact_ghost_alignment_can_be_allowed(fake_world, tmp_path, monkeypatch):
-    from bigbatch.train import loop
+    from bigbatch.train import rundir
 
     fake_world(2)
 
-    def reached(self, *args):
+    def reached(*args, **kwargs):
         raise RuntimeError("past the alignment check")
 
-    monkeypatch.setattr(loop._Run, "_prepare_run_dir", reached)
+    monkeypatch.setattr(rundir, "prepare_run_dir", reached)
     config = RunConfig(**{**CONFIG, "ghost_batch_size": 12, "exact_ghost_alignment": False})
     with pytest.raises(RuntimeError, match="past the alignment check"):
         train(config, tmp_path / "run")

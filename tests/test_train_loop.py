@@ -11,8 +11,9 @@ from bigbatch import data
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.layers import GhostBatchNorm1d
 from bigbatch.train import RunConfig, forward_backward, load_checkpoint, train
-from bigbatch.train.loop import _grad_norm, build_model
+from bigbatch.train.build import build_model
 from bigbatch.train.metrics import read_rows
+from bigbatch.train.step import grad_norm
 
 TINY = {"hidden": 16, "depth": 2}
 REGIME = {"epochs": 2, "phases": [{"epoch": 0, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
@@ -73,11 +74,11 @@ def test_clipping_bounds_the_gradient_norm():
     model = torch.nn.Linear(10, 10)
     (model(torch.randn(8, 10)) * 100).sum().backward()
     params = list(model.parameters())
-    before = _grad_norm(params, None)
+    before = grad_norm(params, None)
     assert before > 1.0
-    returned = _grad_norm(params, 1.0)
+    returned = grad_norm(params, 1.0)
     assert returned == pytest.approx(before.item(), rel=1e-6)  # the norm before clipping
-    assert _grad_norm(params, None) <= 1.0 + 1e-5
+    assert grad_norm(params, None) <= 1.0 + 1e-5
 
 
 def test_a_run_writes_every_output(tmp_path):

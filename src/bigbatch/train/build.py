@@ -12,17 +12,22 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bigbatch import distributed
 from bigbatch.errors import ConfigError
-from bigbatch.train.config import RunConfig
+from bigbatch.train.config import RunConfig, resolve_regime
+from bigbatch.train.state import Plan, TrainState
 
-__all__ = ["build_model"]
+__all__ = ["Run", "build_model", "build_run", "check_process_split"]
 
 log = logging.getLogger("bigbatch.train")
 
@@ -48,6 +53,135 @@ def build_model(config: RunConfig, info: Any) -> nn.Module:
 
         model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
     return model
+
+
+@dataclasses.dataclass
+class Run:
+    """A run ready to train: its plan, its state, and what the loop uses beside them.
+
+    Attributes:
+        run_dir: the run directory.
+        ctx: this process's ``bigbatch.distributed.DistContext``.
+        plan: the resolved, fixed facts (:class:`~bigbatch.train.state.Plan`).
+        state: what training changes (:class:`~bigbatch.train.state.TrainState`).
+        train_model: the model the loop calls (``state.model`` wrapped in DDP /
+            ``torch.compile`` when asked).
+        train_loader, val_loader, info: the loaders and the ``DatasetInfo``.
+        autocast: the forward pass's autocast context (``None``: none).
+        channels_last: whether batches are put in channels-last memory format.
+        params: the parameters that get gradients (clipped and checked).
+    """
+
+    run_dir: Path
+    ctx: Any
+    plan: Plan
+    state: TrainState
+    train_model: nn.Module
+    train_loader: Any
+    val_loader: Any
+    info: Any
+    autocast: Any
+    channels_last: bool
+    params: list[torch.Tensor]
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """This process's ``(rank, world_size)`` slice of every batch, ``None`` in one process."""
+        return (self.ctx.rank, self.ctx.world_size) if self.ctx.enabled else None
+
+    def no_sync(self) -> Callable[[bool], Any] | None:
+        """``forward_backward``'s ``no_sync`` under DDP (``None`` in one process)."""
+        if not self.ctx.enabled:
+            return None
+        return lambda last: distributed.no_sync_context(self.train_model, last)
+
+
+def check_process_split(config: RunConfig, ctx: Any) -> None:
+    """The global batch must split evenly over the processes (checked before any file is written),
+    and with ``exact_ghost_alignment`` every process's slice into whole ghost batches."""
+    per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
+    if ctx.enabled:
+        distributed.check_ghost_alignment(
+            per_rank_batch, config.ghost_batch_size, exact=config.exact_ghost_alignment
+        )
+
+
+def _loaders(config: RunConfig, ctx: Any):
+    from bigbatch import data
+
+    # Under torchrun with --download, one process per node fetches the files while the others
+    # wait, so that no two processes write the same file.
+    first_on_node = ctx.local_rank == 0
+    if config.download and not first_on_node:
+        distributed.barrier(ctx)
+    loaders = data.build_loaders(
+        config.dataset,
+        data_dir=config.data_dir,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        device=ctx.device,
+        seed=config.seed,
+        train_subset=config.train_subset,
+        held_out=config.held_out,
+        download=config.download,
+        num_workers=config.num_workers,
+    )
+    if config.download and first_on_node:
+        distributed.barrier(ctx)
+    return loaders
+
+
+def _plan(config: RunConfig, ctx: Any, train_loader: Any) -> Plan:
+    from bigbatch.recipes import num_updates
+
+    dataset_size = int(train_loader.num_samples)
+    base_regime, regime = resolve_regime(config, dataset_size)
+    # The loader's own count of batches (it drops a last batch of one sample, which batch norm
+    # cannot train on); recipes.num_updates rounds regime.epochs times it, as a "dataset" of that
+    # many one-sample batches.
+    upe = len(train_loader)
+    return Plan(config, base_regime, regime, dataset_size, upe, max(1, num_updates(regime, upe, 1)),
+                ctx.device, ctx.world_size)
+
+
+def build_run(config: RunConfig, ctx: Any, run_dir: Path) -> Run:
+    """Seed, build the loaders, the plan, the model (on ``ctx.device``, wrapped for DDP) and the
+    optimizer: everything the loop needs, in the order that fixes the random streams.
+
+    Raises:
+        ConfigError: a batch split that batch norm cannot use (checked before training).
+    """
+    from bigbatch.diagnostics import WeightDistance
+    from bigbatch.recipes import build_optimizer
+
+    torch.manual_seed(config.seed)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_loader, val_loader, info = _loaders(config, ctx)
+    plan = _plan(config, ctx, train_loader)
+    model = build_model(config, info)
+    # Batch sizes of an epoch (the last one is partial).
+    sizes = {int(ix.numel()) for ix in train_loader.batch_indices(0)}
+    _check_batch_split(config, model, sizes, ctx.world_size)
+    channels_last = config.channels_last is True or (
+        config.channels_last == "auto" and ctx.device.type == "cuda" and _uses_conv(model)
+    )
+    model = model.to(ctx.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # DDP broadcasts rank 0's weights when wrapping: w0 is taken after, the same on every rank.
+    train_model = distributed.wrap_model(model, ctx)
+    if ctx.world_size > 1:
+        # From here each process draws its own random numbers (dropout masks), as one process
+        # drawing for the whole global batch would; weights and data order are already shared.
+        torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))
+    weight_distance = WeightDistance(model)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    state = TrainState(model, build_optimizer(model.parameters(), plan.regime), weight_distance)
+    return Run(run_dir, ctx, plan, state, train_model, train_loader, val_loader, info,
+               _autocast(config, ctx.device), channels_last,
+               [p for p in model.parameters() if p.requires_grad])
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
