@@ -173,3 +173,12 @@ def test_out_in_a_config_file_is_the_run_directory(tmp_path, capsys):
                       '[model_options]\nhidden = 16\ndepth = 2\n')
     assert main(["train", "--config", str(config)]) == 0
     assert (tmp_path / "from-file" / "summary.json").is_file()
+
+
+def test_regime_counts_the_datasets_own_training_size(capsys):
+    from bigbatch import data
+
+    assert main(["regime", "--model", "f1", "--batch-size", "4096"]) == 0
+    expected = data.DATASETS["fashion-mnist"].num_train
+    assert f"({expected} training samples)" in capsys.readouterr().out
+    assert expected == 60000

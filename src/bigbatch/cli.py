@@ -354,10 +354,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-_STANDARD_TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000,
-                         "cifar100": 50000, "imagenet": 1281167}
-
-
 def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
     if args.dataset_size is not None:
         return args.dataset_size
@@ -365,13 +361,7 @@ def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
         return args.train_subset
     from bigbatch import data
 
-    info = data.DATASETS.get(dataset)
-    for attr in ("num_train", "train_size", "num_train_samples"):
-        if info is not None and getattr(info, attr, None):
-            return int(getattr(info, attr))
-    if dataset in _STANDARD_TRAIN_SIZES:
-        return _STANDARD_TRAIN_SIZES[dataset]
-    raise ConfigError(f"training-set size of {dataset!r} unknown; pass --dataset-size N")
+    return data.get_info(dataset).num_train
 
 
 def _cmd_regime(args: argparse.Namespace) -> int:
