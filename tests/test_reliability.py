@@ -36,7 +36,8 @@ from bigbatch.data.cifar import load_cifar_split, safe_unpickle
 from bigbatch.data.download import download, fetch
 from bigbatch.data.idx import read_idx
 from bigbatch.errors import ConfigError, DataError, DownloadError
-from bigbatch.train.checkpoint import StorageError, atomic_write_bytes, load_checkpoint
+from bigbatch.fileio import StorageError, atomic_write_bytes
+from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.config import RunConfig
 from bigbatch.train.metrics import CSVWriter, read_rows
 

@@ -26,6 +26,7 @@ from bigbatch.data.synthetic import (
     make_synthetic,
 )
 from bigbatch.errors import ConfigError, DataError
+from bigbatch.machine import resolve_device
 
 __all__ = ["DATASETS", "DatasetInfo", "build_loaders", "get_info", "load_split", "split_indices"]
 
@@ -258,12 +259,6 @@ def split_indices(
     return train.sort().values, (val.sort().values if held_out else None)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_loaders(
     dataset: str,
     *,
@@ -308,7 +303,7 @@ def build_loaders(
         (8, 1, 10)
     """
     info = get_info(dataset)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if not info.in_memory:
         return _build_folder_loaders(
             info,

@@ -27,7 +27,14 @@ from bigbatch.errors import ConfigError
 from bigbatch.train.config import RunConfig, resolve_regime
 from bigbatch.train.state import Plan, TrainState
 
-__all__ = ["Run", "build_model", "build_run", "check_process_split"]
+__all__ = [
+    "Run",
+    "build_model",
+    "build_run",
+    "check_ghost_alignment",
+    "check_process_split",
+    "shard_batch_size",
+]
 
 log = logging.getLogger("bigbatch.train")
 
@@ -99,11 +106,85 @@ class Run:
 def check_process_split(config: RunConfig, ctx: Any) -> None:
     """The global batch must split evenly over the processes (checked before any file is written),
     and with ``exact_ghost_alignment`` every process's slice into whole ghost batches."""
-    per_rank_batch = distributed.shard_batch_size(config.batch_size, ctx.world_size)
+    per_rank_batch = shard_batch_size(config.batch_size, ctx.world_size)
     if ctx.enabled:
-        distributed.check_ghost_alignment(
+        check_ghost_alignment(
             per_rank_batch, config.ghost_batch_size, exact=config.exact_ghost_alignment
         )
+
+
+def shard_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-process batch: ``batch_size / world_size``, which must be a whole number.
+
+    Args:
+        batch_size: the global batch, summed over all processes (what the paper calls B).
+        world_size: number of processes.
+
+    Returns:
+        ``batch_size // world_size``.
+
+    Raises:
+        ConfigError: ``world_size`` does not divide ``batch_size``; the message names the nearest
+            batch sizes that work.
+
+    Example:
+        >>> shard_batch_size(4096, 8)
+        512
+    """
+    if world_size < 1 or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} and world_size={world_size} must be positive")
+    if batch_size % world_size == 0:
+        return batch_size // world_size
+    below = batch_size // world_size * world_size
+    above = below + world_size
+    nearest = f"{below} or {above}" if below > 0 else f"{above}"
+    raise ConfigError(
+        f"batch_size={batch_size} is the global batch and must be divisible by the number of "
+        f"processes ({world_size}); use --batch-size {nearest}, or launch a number of processes "
+        f"that divides {batch_size}"
+    )
+
+
+def check_ghost_alignment(
+    per_rank_batch: int, ghost_batch_size: int | None, exact: bool = True
+) -> None:
+    """Check that ghost batches fall inside one process's slice, as in single-process training.
+
+    Single-process ghost BN splits the global batch into consecutive slices of ``ghost_batch_size``.
+    Distributed, each process splits its own contiguous slice. The two splits coincide (and training
+    is the same, up to float reduction order) exactly when ``ghost_batch_size`` divides
+    ``per_rank_batch``; otherwise every process ends with a short ghost batch that single-process
+    training does not have.
+
+    Args:
+        per_rank_batch: samples per process and update (:func:`shard_batch_size`).
+        ghost_batch_size: the ghost batch size, or ``None`` for plain batch norm (nothing to check).
+        exact: require single-process equivalence; with ``False`` any size is accepted.
+
+    Raises:
+        ConfigError: ``exact`` and ``ghost_batch_size`` does not divide ``per_rank_batch``.
+
+    Example:
+        >>> check_ghost_alignment(512, 128)  # 4 ghost batches per process
+    """
+    if ghost_batch_size is None or not exact:
+        return
+    if ghost_batch_size < 1:
+        raise ConfigError(f"ghost_batch_size={ghost_batch_size} must be positive")
+    if per_rank_batch % ghost_batch_size == 0:
+        return
+    # The nearest ghost sizes that work: the divisors of the per-process batch around the request
+    # (a ghost batch of 1 sample cannot be normalised, so 1 is never suggested).
+    divisors = [d for d in range(2, per_rank_batch + 1) if per_rank_batch % d == 0]
+    below = [d for d in divisors if d < ghost_batch_size][-1:]
+    above = [d for d in divisors if d > ghost_batch_size][:1]
+    raise ConfigError(
+        f"ghost_batch_size={ghost_batch_size} does not divide the per-process batch of "
+        f"{per_rank_batch} samples (global batch / number of processes), so the ghost batches "
+        f"would differ from single-process training; use --ghost-batch-size "
+        f"{' or '.join(map(str, below + above))}, or a global batch that is a multiple of "
+        f"{ghost_batch_size} x the number of processes"
+    )
 
 
 def _loaders(config: RunConfig, ctx: Any):

@@ -25,15 +25,10 @@ import torch
 import bigbatch
 from bigbatch import distributed
 from bigbatch.errors import BigBatchError, ConfigError
+from bigbatch.fileio import atomic_write_json, atomic_write_text
 from bigbatch.layers import _cpu_kernel
 from bigbatch.machine import cpu_name
-from bigbatch.train.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    checkpoint_bytes,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bigbatch.train.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig
 from bigbatch.train.metrics import read_rows, truncate_rows
 from bigbatch.train.state import Counters, Plan, TrainState
