@@ -148,14 +148,15 @@ def test_every_config_key_is_a_train_flag_of_the_same_name():
 
 
 def test_flags_parse_to_the_config_values(tmp_path):
-    from bigbatch.cli import _key_values, build_parser
+    from bigbatch.cli import build_parser
+    from bigbatch.flags import key_values
     from bigbatch.train.config import config_keys
 
     args = build_parser().parse_args([
         "train", "--clip", "5", "--eval-every", "7", "--out", str(tmp_path), "--amp", "none",
         "--channels-last", "false", "--regime-adaptation", "2", "--model-option", "hidden=8",
         "--regime", "{epochs = 2, phases = [{epoch = 0, lr = 0.1}]}"])
-    values = _key_values(args, config_keys())
+    values = key_values(args, config_keys())
     assert values == {"clip": 5.0, "eval_every": 7, "out": str(tmp_path), "channels_last": False,
                       "amp": "none",
                       "regime_adaptation": 2.0, "model_options": {"hidden": 8},
@@ -163,7 +164,7 @@ def test_flags_parse_to_the_config_values(tmp_path):
     for argv, expected in ((["--regime-adaptation"], True), (["--no-regime-adaptation"], False),
                            (["--regime-adaptation-factor", "3"], 3.0)):  # the last: deprecated
         args = build_parser().parse_args(["train", *argv])
-        assert _key_values(args, ["regime_adaptation"]) == {"regime_adaptation": expected}
+        assert key_values(args, ["regime_adaptation"]) == {"regime_adaptation": expected}
 
 
 def test_out_in_a_config_file_is_the_run_directory(tmp_path, capsys):

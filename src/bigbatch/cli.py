@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import BigBatchError, ConfigError
-from bigbatch.fileio import remove_stale_temp_files, tomllib
+from bigbatch.fileio import remove_stale_temp_files
+from bigbatch.flags import add_key_flags, key_values
 
 __all__ = ["build_parser", "main"]
 
@@ -49,102 +50,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34, width=100)
 
 
-def _model_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as a TOML value (``32``, ``0.5``, ``true``, ``"x"``)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
 # -- parser ---------------------------------------------------------------------------------------
-def _shown(value: Any) -> str:
-    """How a value is written on the command line (``none``, ``true``, ``128``)."""
-    return {None: "none", True: "true", False: "false"}.get(value, str(value)) if not isinstance(
-        value, (int, float)) or isinstance(value, bool) else f"{value:g}"
-
-
-def _regime_arg(text: str) -> Any:
-    """``--regime``: a regime file, or an inline TOML table (``'{epochs = 2, phases = [...]}'``)."""
-    if not text.lstrip().startswith("{"):
-        return text
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a TOML inline table: {e}") from None
-
-
-class _DeprecatedFactor(argparse.Action):
-    """``--regime-adaptation-factor F``, the old spelling of ``--regime-adaptation F``."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        logging.getLogger("bigbatch").warning(
-            "--regime-adaptation-factor is deprecated; write --regime-adaptation %s", values)
-        setattr(namespace, self.dest, values)
-
-
-def _add_key_flag(group: argparse._ArgumentGroup, name: str, spec: Any, default: Any) -> None:
-    """The flag of config key ``name``: ``--name-with-dashes``, typed and described by ``spec``."""
-    flag = "--" + name.replace("_", "-")
-    shown = "" if default is None else f" (default: {_shown(default)})"
-    kw: dict[str, Any] = {"dest": name, "help": spec.help + shown, "metavar": spec.metavar}
-    if spec.kind == "bool":
-        kw.pop("metavar")
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-    elif spec.kind == "choice":
-        kw.pop("metavar")
-        group.add_argument(flag, choices=[_shown(c) for c in spec.choices], **kw)
-    elif spec.kind == "table":
-        group.add_argument(flag, flag[:-1], type=_model_option, action="append", **kw)
-    elif spec.kind == "factor":
-        group.add_argument(flag, nargs="?", const=True, type=float, **kw)
-        group.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False,
-                           help="do not adapt the regime (the default)")
-        group.add_argument(flag + "-factor", dest=name, type=float, action=_DeprecatedFactor,
-                           help=argparse.SUPPRESS)
-    else:
-        types = {"int": int, "float": float, "regime": _regime_arg}
-        group.add_argument(flag, type=types.get(spec.kind, str), **kw)
-
-
-def _add_key_flags(groups: dict[str, argparse._ArgumentGroup] | argparse._ArgumentGroup,
-                   names: Any = None) -> None:
-    """Flags for config keys ``names`` (all when ``None``), in ``groups[key.group]``."""
-    import dataclasses
-
-    from bigbatch.train.config import RunConfig
-
-    for field in dataclasses.fields(RunConfig):
-        if names is not None and field.name not in names:
-            continue
-        spec = field.metadata["key"]
-        group = groups[spec.group] if isinstance(groups, dict) else groups
-        # An empty table's default is shown as nothing, like an unset key's.
-        default = None if field.default is dataclasses.MISSING else field.default
-        _add_key_flag(group, field.name, spec, default)
-
-
-def _key_values(args: argparse.Namespace, names: Any) -> dict[str, Any]:
-    """The config keys given on the command line (not ``None``), as config values."""
-    from bigbatch.train.config import config_keys
-
-    out: dict[str, Any] = {}
-    for name, spec in config_keys().items():
-        value = getattr(args, name, None)
-        if name not in names or value is None:
-            continue
-        if spec.kind == "choice":  # "none" stays a string: a None would not override a file
-            value = {_shown(c): c for c in spec.choices if c is not None}.get(value, value)
-        elif spec.kind == "table":
-            value = dict(value)
-        out[name] = value
-    return out
-
-
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from bigbatch.train.config import config_keys
 
@@ -164,29 +70,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     for spec in config_keys().values():
         if spec.group not in groups:
             groups[spec.group] = p.add_argument_group(spec.group)
-    _add_key_flags(groups)
+    add_key_flags(groups)
     p.set_defaults(handler=_cmd_train)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bigbatch`` argument parser with all subcommands."""
-    import bigbatch
-
-    parser = argparse.ArgumentParser(
-        prog="bigbatch", formatter_class=_HelpFormatter,
-        description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
-                    "ghost batch norm, lr scaling, regime adaptation).",
-        epilog="Run `bigbatch COMMAND --help` for the options of a command.",
-    )
-    parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(sub)
-
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
                        description="List registered models with their default dataset and regime.")
     p.set_defaults(handler=_cmd_models)
 
+
+def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "regime", help="show how a regime is adapted to a batch size",
         formatter_class=_HelpFormatter,
@@ -200,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (default: the model's)")
     p.add_argument("--dataset-size", type=int, metavar="N",
                    help="training samples (default: --train-subset or the dataset's size)")
-    _add_key_flags(p.add_argument_group("regime"), _REGIME_KEYS)
+    add_key_flags(p.add_argument_group("regime"), _REGIME_KEYS)
     p.set_defaults(handler=_cmd_regime)
 
+
+def _add_download_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="download a dataset (SHA-256 verified)",
                        formatter_class=_HelpFormatter,
                        description="Download a dataset's files and verify their SHA-256.")
@@ -210,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="where to put it")
     p.set_defaults(handler=_cmd_download)
 
+
+def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce", help="run the paper's experiment grid from a preset, then the report",
         formatter_class=_HelpFormatter,
@@ -230,15 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset directory for every run (default: the dataset's own)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                    help="download the dataset into --data-dir if missing (SHA-256 verified)")
-    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+    from bigbatch.train.config import config_keys
+
+    p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
                    help="progress display of each run")
     p.set_defaults(handler=_cmd_reproduce)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the report of a grid directory",
                        formatter_class=_HelpFormatter,
                        description="Write report.md and report.html for a `reproduce` grid.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="grid directory")
     p.set_defaults(handler=_cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bigbatch`` argument parser with all subcommands."""
+    import bigbatch
+
+    parser = argparse.ArgumentParser(
+        prog="bigbatch", formatter_class=_HelpFormatter,
+        description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
+                    "ghost batch norm, lr scaling, regime adaptation).",
+        epilog="Run `bigbatch COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
+                _add_reproduce_parser, _add_report_parser):
+        add(sub)
     return parser
 
 
@@ -285,7 +206,9 @@ def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
 
 def _new_run_dir(config: Any) -> Path:
     """``config.out`` (or a time-stamped default), created and checked to be writable."""
-    if config.out is None and "RANK" in os.environ:  # under torchrun
+    from bigbatch.distributed import under_torchrun
+
+    if config.out is None and under_torchrun():
         # A time-stamped default would differ between processes (and elastic restarts).
         raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
                           "restart of the job, must use the same run directory")
@@ -306,7 +229,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.train.config import config_keys, merge_config, read_config_file
     from bigbatch.train.loop import train
 
-    flags = _key_values(args, config_keys())
+    flags = key_values(args, config_keys())
     if args.resume is not None:
         if args.config is not None or "out" in flags:
             raise ConfigError("--resume RUN_DIR takes the config and the output dir from "
@@ -371,7 +294,7 @@ def _cmd_regime(args: argparse.Namespace) -> int:
 
     dataset = args.dataset or models.get_spec(args.model).default_dataset
     keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
-    config = RunConfig.from_dict({**keys, **_key_values(args, _REGIME_KEYS)})
+    config = RunConfig.from_dict({**keys, **key_values(args, _REGIME_KEYS)})
     size = _dataset_size(args, dataset)
     before, after = resolve_regime(config, size)
     print(f"{config.model} on {dataset} ({size} training samples), lr scaling "
