@@ -20,11 +20,7 @@ batch, 1024 per GPU here)::
     torchrun --standalone --nproc-per-node 4 -m bigbatch train --model resnet44 \\
         --dataset cifar10 --batch-size 4096 --ghost-batch-size 128 --out runs/r44
 
-Several machines and SLURM: see the README's "Multi-GPU / multi-node" section. The training loop
-(``bigbatch.train``) calls :func:`setup` first, :func:`wrap_model` before building the optimizer,
-:func:`no_sync_context` around all but the last micro-batch, :func:`average_bn_running_stats`
-before every evaluation and checkpoint, :func:`reduce_metrics` on evaluation sums, and
-:func:`teardown` last; only rank 0 writes files.
+Several machines and SLURM: see the README's "Multi-GPU / multi-node" section.
 """
 
 from __future__ import annotations
@@ -225,11 +221,7 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-# -------------------------------------------------------------------------------------------------
-# The model
-# -------------------------------------------------------------------------------------------------
-
-
+# -- The model ------------------------------------------------------------------------------------
 def _ddp_options() -> dict[str, bool]:
     # Rank-local buffers: BN running stats are not broadcast from rank 0 before every forward
     # (costly and it would discard the other ranks' statistics); average_bn_running_stats merges
@@ -354,11 +346,7 @@ def average_bn_running_stats(model: nn.Module, ctx: DistContext) -> None:
         buffer.copy_(part.view_as(buffer))
 
 
-# -------------------------------------------------------------------------------------------------
-# Collectives for sharded evaluation and coordination
-# -------------------------------------------------------------------------------------------------
-
-
+# -- Collectives for sharded evaluation and coordination ------------------------------------------
 def all_reduce_sum(
     values: torch.Tensor | float | Sequence[float], ctx: DistContext
 ) -> torch.Tensor | float | list[float]:
