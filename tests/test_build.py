@@ -94,3 +94,5 @@ def test_build_model_converts_to_ghost_batch_norm_for_the_datasets_shape():
     ghost = [m for m in model.modules() if isinstance(m, GhostBatchNorm1d)]
     assert ghost and all(m.ghost_batch_size == 16 for m in ghost)
     assert model(torch.randn(32, *info.input_shape)).shape == (32, info.num_classes)
+    plain = build_model(RunConfig(dataset="synthetic", model_options=TINY), info)
+    assert not any(isinstance(m, GhostBatchNorm1d) for m in plain.modules())

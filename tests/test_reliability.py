@@ -243,6 +243,16 @@ def _fails_on_second_checkpoint(real_fsync):
     return fsync
 
 
+def _assert_same_metrics_as_an_uninterrupted_run(args: list[str], out: Path, full: Path) -> None:
+    assert main(["train", *args, "--out", str(full)]) == 0
+    timing = {"wall_time_s", "samples_per_s"}
+    a, b = (
+        [{k: v for k, v in r.items() if k not in timing} for r in read_rows(d / "metrics.jsonl")]
+        for d in (full, out)
+    )
+    assert a == b and len(a) == 4 and a[0]["val_loss"] != a[-1]["val_loss"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fd")
 def test_disk_full_mid_run_is_one_line_keeps_last_pt_and_resumes_exactly(
     tmp_path, monkeypatch, capsys
@@ -257,13 +267,7 @@ def test_disk_full_mid_run_is_one_line_keeps_last_pt_and_resumes_exactly(
     assert _temp_files(out) == [] and not (out / "summary.json").exists()
     monkeypatch.undo()  # space freed: the run resumes and ends as an uninterrupted one
     assert main(["train", "--resume", str(out), "--progress", "none"]) == 0
-    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
-    timing = {"wall_time_s", "samples_per_s"}
-    a, b = (
-        [{k: v for k, v in r.items() if k not in timing} for r in read_rows(d / "metrics.jsonl")]
-        for d in (tmp_path / "full", out)
-    )
-    assert a == b and len(a) == 4 and a[0]["val_loss"] != a[-1]["val_loss"]
+    _assert_same_metrics_as_an_uninterrupted_run(args, out, tmp_path / "full")
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the fd")
@@ -291,13 +295,7 @@ def test_a_run_directory_written_with_the_old_key_names_still_resumes(
     with caplog.at_level("WARNING", logger="bigbatch"):
         assert main(["train", "--resume", str(out), "--progress", "none"]) == 0
     assert any("'clip_grad_norm' is deprecated" in r.getMessage() for r in caplog.records)
-    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
-    timing = {"wall_time_s", "samples_per_s"}
-    a, b = (
-        [{k: v for k, v in r.items() if k not in timing} for r in read_rows(d / "metrics.jsonl")]
-        for d in (tmp_path / "full", out)
-    )
-    assert a == b and len(a) == 4 and a[0]["val_loss"] != a[-1]["val_loss"]
+    _assert_same_metrics_as_an_uninterrupted_run(args, out, tmp_path / "full")
 
 
 def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):

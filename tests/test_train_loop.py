@@ -1,4 +1,4 @@
-"""The training loop: ghost conversion, micro-batch accumulation, clipping, outputs, divergence."""
+"""The training loop: micro-batch accumulation, clipping, outputs, divergence."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from bigbatch import data
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.layers import GhostBatchNorm1d
 from bigbatch.train import RunConfig, forward_backward, load_checkpoint, train
 from bigbatch.train.build import build_model
 from bigbatch.train.metrics import read_rows
@@ -24,15 +23,6 @@ def _config(**changes) -> RunConfig:
     base = dict(model="f1", model_options=TINY, dataset="synthetic", batch_size=256,
                 regime=REGIME, progress="none", device="cpu")
     return RunConfig(**{**base, **changes})
-
-
-def test_engine_converts_batchnorm_to_ghost_batchnorm():
-    info = data.DATASETS["synthetic"]
-    model = build_model(_config(ghost_batch_size=64), info)
-    ghosts = [m for m in model.modules() if isinstance(m, GhostBatchNorm1d)]
-    assert ghosts and all(m.ghost_batch_size == 64 for m in ghosts)
-    plain = build_model(_config(), info)
-    assert not any(isinstance(m, GhostBatchNorm1d) for m in plain.modules())
 
 
 def _sgd_updates(ghost: int | None, micro: int | None, lr: float = 0.1, steps: int = 3):

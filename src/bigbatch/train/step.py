@@ -64,7 +64,7 @@ def forward_backward(
             micro-batch; ``None`` = no DDP.
         world_size: processes whose gradients DDP *averages*; each summed loss is divided by
             ``global_batch_size / world_size`` so that the average is the gradient of the mean
-            over the global batch (``distributed.loss_scale``).
+            over the global batch.
 
     Returns:
         :class:`StepResult` with the detached loss sum and top-1 hits of this batch.
