@@ -125,7 +125,6 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
             log.info("%s is already complete", run_dir)
             return done
     run = build_run(config, ctx, run_dir)
-    c = run.state.counters
     if checkpoint is not None:
         rundir.restore(run.state, checkpoint, ctx)
         c = run.state.counters
