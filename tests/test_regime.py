@@ -1,4 +1,4 @@
-"""Regimes: validation, schedules, warm-up, serialisation, +LR and +RA adaptation, optimizers."""
+"""Regimes: validation, schedules, warm-up, serialisation, +LR and +RA adaptation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import pickle
 
 import pytest
-import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -15,8 +14,6 @@ from bigbatch.errors import ConfigError
 from bigbatch.recipes import (
     Regime,
     adapt_regime,
-    apply_settings,
-    build_optimizer,
     format_adaptation_table,
     num_updates,
     updates_per_epoch,
@@ -422,61 +419,3 @@ def test_adaptation_table():
     small = format_adaptation_table(one, one, base_batch_size=400, batch_size=400,
                                     dataset_size=1000)
     assert "samples processed  1000" in small
-
-
-# -- optimizer ------------------------------------------------------------------------------------
-def _params():
-    return [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2))]
-
-
-def test_build_optimizer_uses_phase0_settings_and_options():
-    r = Regime.from_dict(paper_like(optimizer_options={"nesterov": True}))
-    opt = build_optimizer(_params(), r)
-    assert type(opt) is torch.optim.SGD
-    group = opt.param_groups[0]
-    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == \
-        (0.1, 0.9, 1e-4, True)
-    adam = build_optimizer(_params(), {"optimizer": "Adam", "epochs": 1,
-                                       "phases": [{"epoch": 0, "lr": 1e-3, "betas": [0.8, 0.9]}]})
-    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["betas"] == (0.8, 0.9)
-
-
-def test_build_optimizer_reports_rejected_values():
-    r = Regime.from_dict(paper_like(phases=[{"epoch": 0, "lr": 0.1, "momentum": -1.0}]))
-    with pytest.raises(ConfigError, match=r"cannot build SGD .*Invalid momentum"):
-        build_optimizer(_params(), r)
-
-
-def test_apply_settings_keeps_momentum_buffers():
-    r = Regime.from_dict(paper_like())
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = build_optimizer([p], r)
-    p.grad = torch.full((3,), 2.0)
-    opt.step()
-    buf = opt.state[p]["momentum_buffer"]
-    before = buf.clone()
-    apply_settings(opt, r.settings_at(3.5))
-    assert opt.param_groups[0]["lr"] == 0.01
-    assert opt.state[p]["momentum_buffer"] is buf and torch.equal(buf, before)
-    # The next step uses the kept buffer: buf <- 0.9 * buf + (g + wd * p); p <- p - 0.01 * buf.
-    p_before = p.detach().clone()
-    opt.step()
-    expected_buf = 0.9 * before + (p.grad + 1e-4 * p_before)
-    torch.testing.assert_close(p.detach(), p_before - 0.01 * expected_buf)
-    # Negative control: rebuilding the optimizer (the official code's way) loses the buffer.
-    assert "momentum_buffer" not in build_optimizer([p], r).state[p]
-
-
-def test_apply_settings_rejects_unknown_keys_without_changing_anything():
-    opt = build_optimizer(_params(), Regime.from_dict(PAPER_LIKE))
-    with pytest.raises(ConfigError, match=r"unknown setting for SGD 'betas'"):
-        apply_settings(opt, {"lr": 5.0, "betas": (0.9, 0.99)})
-    assert opt.param_groups[0]["lr"] == 0.1
-
-
-def test_apply_settings_fills_a_tensor_lr_in_place():
-    lr = torch.tensor(0.1)
-    opt = torch.optim.SGD(_params(), lr=lr, momentum=0.9)
-    apply_settings(opt, {"lr": 0.05, "momentum": 0.5})
-    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.05)
-    assert opt.param_groups[0]["momentum"] == 0.5

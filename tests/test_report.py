@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,16 +17,11 @@ import tomli_w
 
 from bigbatch.errors import ConfigError
 from bigbatch.report import write_report
-from bigbatch.report.tables import (
-    ARM_SLUGS,
-    ARMS,
-    arm_rows,
-    diffusion_fit,
-    initial_phase_end,
-    load_grid,
-    narrative,
-    table_cells,
-)
+from bigbatch.report.diffusion import diffusion_fit, initial_phase_end
+from bigbatch.report.grid import load_grid
+from bigbatch.report.prose import narrative
+from bigbatch.report.stats import arm_rows, arm_settings, table_cells
+from bigbatch.reproduce import ARM_SLUGS, ARMS
 
 PAPER = {"SB": 87.8, "LB": 83.95, "LB+LR": 86.15, "LB+LR+GBN": 86.4, "LB+LR+GBN+RA": 88.2,
          "source": "Table 1, recalled"}  # fmt: skip
@@ -57,8 +54,13 @@ def write_run(
     b: float = 0.5,
     wall_time_s: float = 10.0,
     samples_per_s: float = 1000.0,
+    lr_scaling: str = "sqrt",
 ) -> Path:
-    """A run dir in the engine's format; ||w_t - w_0|| = a + b ln t before the first lr drop."""
+    """A run dir in the engine's format; ||w_t - w_0|| = a + b ln t before the first lr drop.
+
+    The training throughput of evaluation interval e is ``interval_rate(samples_per_s, e)``;
+    summary.json's samples_per_s counts the evaluations too (samples / wall time), as the engine's.
+    """
     run = grid_dir / ARM_SLUGS[arm] / f"seed{seed}"
     run.mkdir(parents=True)
     drop_update = drop_update or updates // 2
@@ -71,7 +73,7 @@ def write_run(
             {"updates": u, "epoch": e, "samples": u * 100, "lr": lr if u < drop_update else lr / 10,
              "train_loss": 0.5, "train_error_pct": train_error + 20 * (1 - frac), "val_loss": 0.6,
              "val_error_pct": val_error + 20 * (1 - frac), "weight_distance": a + b * math.log(u),
-             "wall_time_s": wall_time_s * frac, "samples_per_s": samples_per_s}
+             "wall_time_s": wall_time_s * frac, "samples_per_s": interval_rate(samples_per_s, e)}
         )  # fmt: skip
     _write_csv(run / "metrics.csv", METRIC_KEYS, metrics)
     diffusion = []
@@ -87,24 +89,36 @@ def write_run(
         "status": "complete", "seed": seed, "model": "f1", "dataset": "fashion-mnist",
         "batch_size": 128 if arm == "SB" else 4096, "base_batch_size": 128,
         "ghost_batch_size": 128 if "GBN" in arm else None,
-        "lr_scaling": "sqrt" if "LR" in arm else "none", "regime_adaptation": "RA" in arm,
+        "lr_scaling": lr_scaling if "LR" in arm else "none", "regime_adaptation": "RA" in arm,
         "epochs": epochs, "updates": updates, "samples": updates * 100,
         "final_val_error_pct": val_error, "best_val_error_pct": val_error - 0.1,
         "final_train_error_pct": train_error, "wall_time_s": wall_time_s,
-        "samples_per_s": samples_per_s, "device": "cpu", "torch_version": "2.13.0+cpu",
+        "samples_per_s": updates * 100 / wall_time_s, "device": "cpu",
+        "torch_version": "2.13.0+cpu",
         "bigbatch_version": "0.1.0", "git_commit": "abc1234",
     }  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
 
-def write_grid_toml(grid_dir: Path, paper: dict | None = PAPER) -> None:
+def interval_rate(samples_per_s: float, epoch: int) -> float:
+    return samples_per_s * (1.5 if epoch % 2 else 1.0)
+
+
+REGIME = {"epochs": 5, "phases": [{"epoch": 0, "lr": 0.1, "momentum": 0.9},
+                                  {"epoch": 3, "lr": 0.01}, {"epoch": 4, "lr": 0.001}]}  # fmt: skip
+
+
+def write_grid_toml(grid_dir: Path, paper: dict | None = PAPER, lr_scaling: str = "sqrt",
+                    **extra) -> None:  # fmt: skip
     preset = {
         "name": "synthetic-test",
         "description": "numbers written by the test",
-        "base": {"model": "f1", "dataset": "fashion-mnist", "base_batch_size": 128},
+        "base": {"model": "f1", "dataset": "fashion-mnist", "base_batch_size": 128,
+                 "regime": REGIME},
         "grid": {"seeds": SEEDS, "arms": list(ARMS), "large_batch_size": 4096,
-                 "ghost_batch_size": 128},
+                 "ghost_batch_size": 128, "lr_scaling": lr_scaling},
+        **extra,
     }  # fmt: skip
     if paper:
         preset["paper"] = paper
@@ -131,16 +145,23 @@ UPDATES = {"SB": 640, "LB": 20, "LB+LR": 20, "LB+LR+GBN": 20, "LB+LR+GBN+RA": 64
 EPOCHS = {"SB": 5, "LB": 5, "LB+LR": 5, "LB+LR+GBN": 5, "LB+LR+GBN+RA": 160}
 
 
-def make_grid(grid_dir: Path, errors: dict, paper: dict | None = PAPER) -> Path:
-    write_grid_toml(grid_dir, paper)
+def make_grid(grid_dir: Path, errors: dict, paper: dict | None = PAPER, lr_scaling: str = "sqrt",
+              **extra) -> Path:  # fmt: skip
+    write_grid_toml(grid_dir, paper, lr_scaling, **extra)
     for arm, (val, train) in errors.items():
         for seed in SEEDS:
             write_run(
                 grid_dir, arm, seed, val_error=val[seed], train_error=train[seed],
                 updates=UPDATES[arm], epochs=EPOCHS[arm],
                 wall_time_s=10.0 + seed + UPDATES[arm] / 10, samples_per_s=1000.0 + 100 * seed,
+                lr_scaling=lr_scaling,
             )  # fmt: skip
     return grid_dir
+
+
+def _train_throughput(rate: float, epochs: int) -> float:
+    """Equal-sized intervals at interval_rate(rate, e): their harmonic mean."""
+    return epochs / sum(1 / interval_rate(rate, e) for e in range(1, epochs + 1))
 
 
 def _text(grid_dir: Path) -> str:
@@ -165,13 +186,17 @@ def test_table_values_equal_the_runs(tmp_path):
         assert row.best_val_error_mean == pytest.approx(mean - 0.1)
         assert row.updates == UPDATES[arm] and row.epochs == EPOCHS[arm]
         assert row.wall_time_s == pytest.approx(11.0 + UPDATES[arm] / 10)
-        assert row.samples_per_s == pytest.approx(1100.0)
+        # training samples / training time over the intervals (not summary.json's samples / wall)
+        per_seed = [_train_throughput(1000.0 + 100 * s, EPOCHS[arm]) for s in SEEDS]
+        assert row.train_samples_per_s == pytest.approx(np.mean(per_seed))
         line = next(li for li in md.splitlines() if li.startswith(f"| {arm} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == f"{mean:.2f} ± {std:.2f}"
-        assert cells[2] == f"{100 - mean:.2f}"
-        assert cells[3] == f"{PAPER[arm]:.2f}"  # the paper's accuracy beside ours
-        assert cells[6] == "3" and cells[7] == str(UPDATES[arm]) and cells[8] == str(EPOCHS[arm])
+        assert cells[2] == f"{PAPER[arm]:.2f}"  # the paper's accuracy beside ours
+        assert cells[5] == "3" and cells[6] == str(UPDATES[arm]) and cells[7] == str(EPOCHS[arm])
+        assert cells[9] == f"{np.mean(per_seed):.0f}"
+    assert "val accuracy" not in md  # 100 - error without a spread: dropped
+    assert "train samples/s (eval excluded)" in md
     html = html_path.read_text()
     assert "87.80" in html and "paper accuracy %" in html
     assert "The paper reports 87.80 % (SB) and 83.95 % (LB)" in md and "Table 1, recalled" in md
@@ -180,7 +205,7 @@ def test_table_values_equal_the_runs(tmp_path):
 def test_paper_column_absent_without_paper_numbers(tmp_path):
     grid = load_grid(make_grid(tmp_path / "g", GAP_GRID, paper=None))
     header, cells = table_cells(arm_rows(grid))
-    assert "paper accuracy %" not in header and len(cells[0]) == len(header) == 10
+    assert "paper accuracy %" not in header and len(cells[0]) == len(header) == 9
     assert "The paper reports" not in " ".join(narrative(grid, arm_rows(grid), {}))
 
 
@@ -191,11 +216,22 @@ def test_paragraph_follows_the_numbers(tmp_path):
     assert "a generalization gap" in gap
     assert "LB+LR+GBN+RA closes the gap" in gap
     assert "Arms within SB's seed spread: LB+LR+GBN+RA." in gap
-    assert "LB+LR recovers" in gap and "LB+LR+GBN recovers" in gap
+    lr = np.mean(GAP_GRID["LB+LR"][0])
+    share = 100 * (lb - lr) / (lb - sb)
+    assert (f"LB+LR recovers {share:.0f}% of the gap but still ends {lr - sb:.2f} points worse "
+            f"than SB ({lb - lr:.2f} points better than LB)") in gap  # fmt: skip
+    assert "LB+LR+GBN recovers" in gap
+    assert "points from SB" not in gap and not re.search(r"[+-]\d", gap)  # words, not signs
 
     none = _text(make_grid(tmp_path / "none", NO_GAP_GRID))
     assert "no clear generalization gap" in none
     assert "closes the gap" not in none and "a generalization gap." not in none
+
+
+def test_an_arm_equal_to_sb_is_level_not_better(tmp_path):
+    errors = {**NO_GAP_GRID, "LB+LR": NO_GAP_GRID["SB"]}
+    text = _text(make_grid(tmp_path / "g", errors))
+    assert "LB+LR ends level with SB." in text and "0.00 points better" not in text
 
 
 def test_remedy_below_lb_is_stated_honestly(tmp_path):
@@ -205,6 +241,37 @@ def test_remedy_below_lb_is_stated_honestly(tmp_path):
     assert "LB+LR is below LB" in text
     assert "only 20 updates the sqrt-scaled lr 0.1 is unstable" in text
     assert "LB+LR recovers" not in text
+
+
+def test_a_linear_scaling_grid_is_described_as_linear(tmp_path):
+    errors = dict(GAP_GRID)
+    errors["LB+LR"] = ([40.0, 55.0, 47.0], [38.0, 52.0, 45.0])
+    grid_dir = make_grid(tmp_path / "g", errors, lr_scaling="linear", differences=[])
+    md = write_report(grid_dir)[0].read_text()
+    assert "only 20 updates the linear-scaled lr 0.1 is unstable" in md
+    assert "+LR with linear lr scaling" in md
+    for sqrt_rule in ("sqrt-scaled", "sqrt lr", "| sqrt |"):  # no sentence or cell assumes it
+        assert sqrt_rule not in md
+    line = next(li for li in md.splitlines() if li.startswith("| LB+LR | lr (peak)"))
+    assert [c.strip() for c in line.strip("|").split("|")][4:6] == ["3.2", "linear"]  # 0.1 × 32
+
+
+def test_arm_table_says_what_each_arm_changes(tmp_path):
+    grid_dir = make_grid(tmp_path / "g", GAP_GRID)
+    md = write_report(grid_dir)[0].read_text()
+    table = md.split("## What each arm changes")[1]
+    rows = {li.split("|")[1].strip(): [c.strip() for c in li.strip("|").split("|")][1:]
+            for li in table.splitlines() if li.startswith("| ") and "---" not in li}  # fmt: skip
+    header = rows.pop("arm")
+    assert header[1:] == ["batch", "ghost batch", "lr (peak)", "lr scaling", "epochs",
+                          "lr drops at epochs", "warm-up epochs", "updates", "samples"]
+    assert rows["SB"] == ["—", "128", "none", "0.1", "none", "5", "3, 4", "0", "640", "64000"]
+    assert rows["LB"][0] == "batch, updates, samples" and rows["LB"][1] == "4096"
+    assert rows["LB+LR"][0] == "lr (peak), lr scaling"
+    assert rows["LB+LR"][3] == f"{0.1 * 32 ** 0.5:.4g}"  # sqrt(4096 / 128)
+    assert rows["LB+LR+GBN"][:3] == ["ghost batch", "4096", "128"]
+    assert rows["LB+LR+GBN+RA"][0] == "epochs, lr drops at epochs, updates, samples"
+    assert rows["LB+LR+GBN+RA"][5:7] == ["160", "96, 128"]  # x32, milestones in proportion
 
 
 def test_missing_and_incomplete_runs_are_reported(tmp_path):
@@ -220,7 +287,7 @@ def test_missing_and_incomplete_runs_are_reported(tmp_path):
     rows = {r.arm: r for r in arm_rows(load_grid(grid_dir))}
     assert rows["SB"].seeds == [0, 1] and rows["LB"].seeds == [0, 2]
     line = next(li for li in md.splitlines() if li.startswith("| SB |"))
-    assert [c.strip() for c in line.strip("|").split("|")][6] == "2/3"  # seeds: 2 of 3 complete
+    assert [c.strip() for c in line.strip("|").split("|")][5] == "2/3"  # seeds: 2 of 3 complete
     assert rows["LB"].val_error_mean == pytest.approx(np.mean([17.0, 16.9]))
 
 
@@ -240,6 +307,12 @@ def test_grid_without_grid_toml_is_inferred_from_directories(tmp_path):
     grid = load_grid(grid_dir)
     assert grid.arms == ["SB", "LB"] and grid.seeds == [0, 3]
     assert not grid.missing_runs()
+    # without grid.toml the arm table says what the summaries say, and "—" for the regime
+    settings = {s["arm"]: s for s in arm_settings(grid)}
+    assert settings["LB"]["batch_size"] == 4096 and settings["LB"]["changes"] == ["batch"]
+    assert settings["SB"].get("lr") is None and settings["SB"]["updates"] == 100
+    md = write_report(grid_dir)[0].read_text()
+    assert "| LB | batch | 4096 | none | — | none | 5 | — | — | 100 | 10000 |" in md
 
 
 def test_not_a_grid_directory_is_a_config_error(tmp_path):
@@ -266,8 +339,8 @@ def test_html_is_self_contained_and_parses(tmp_path):
     parser.feed(text)
     parser.close()
     tags = [t for t, _ in parser.tags]
-    assert tags.count("table") == 1
-    assert tags.count("tr") == 1 + len(ARMS)
+    assert tags.count("table") == 2  # the results and what each arm changes
+    assert tags.count("tr") == 2 * (1 + len(ARMS))
     images = [a for t, a in parser.tags if t == "img"]
     assert len(images) >= 3
     for attrs in images:
@@ -314,3 +387,34 @@ def test_constant_lr_run_is_fitted_over_the_whole_run_and_reported(tmp_path):
     assert math.isinf(fit.end_update)
     text = " ".join(narrative(grid, arm_rows(grid), {"SB": fit}))
     assert "over the whole run (no lr drop)" in text and "0.5 + 1.1·ln t" in text
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).size
+
+
+def test_a_long_arm_gets_a_linear_and_a_log_epoch_axis(tmp_path):
+    from bigbatch.report import plots
+
+    grid = load_grid(make_grid(tmp_path / "g", GAP_GRID))  # RA trains 32x longer
+    both = _png_size(plots.plot_curves(grid, "val_error_pct", "epoch"))
+    log_only = _png_size(plots.plot_curves(grid, "val_error_pct", "updates"))
+    assert both[0] > 1.8 * log_only[0]  # two panels side by side: linear and log epochs
+    short = dict(GAP_GRID)
+    del short["LB+LR+GBN+RA"]
+    grid = load_grid(make_grid(tmp_path / "short", short))
+    assert _png_size(plots.plot_curves(grid, "val_error_pct", "epoch"))[0] < 1.2 * log_only[0]
+    for png in (plots.plot_curves(grid, "val_error_pct", "wall_time_s"), plots.plot_losses(grid),
+                plots.plot_lr_schedules(grid)):  # fmt: skip
+        assert png.startswith(b"\x89PNG")
+
+
+def test_new_figures_are_none_without_data(tmp_path):
+    from bigbatch.report import plots
+
+    write_grid_toml(tmp_path / "g")
+    grid = load_grid(tmp_path / "g")
+    assert plots.plot_curves(grid, "val_error_pct", "wall_time_s") is None
+    assert plots.plot_losses(grid) is None and plots.plot_lr_schedules(grid) is None

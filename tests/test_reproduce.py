@@ -11,7 +11,8 @@ import pytest
 
 from bigbatch import reproduce
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.report.tables import arm_rows, load_grid
+from bigbatch.report.grid import load_grid
+from bigbatch.report.stats import arm_rows
 from bigbatch.reproduce import ARM_SLUGS, ARMS, arm_configs, list_presets, load_preset, run_grid
 
 if sys.version_info >= (3, 11):
@@ -348,3 +349,43 @@ def test_cli_passes_data_dir_download_and_progress_to_every_run(mini, tmp_path, 
     assert code == 0
     assert seen == [(str(data_dir), False, "none")] * 2
     assert f"grid: {tmp_path / 'grid'}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# KEY=VALUE settings (what `reproduce --set` will pass)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_settings_reach_the_right_table_and_every_arm(mini):
+    preset = load_preset(mini)
+    shaped = reproduce.apply_settings(preset, [
+        "seeds=1", "arms=['SB', 'LB']", "ghost_batch_size=64", "lr_scaling=linear",
+        "train_subset=100", "model_options.hidden=8", "regime.warmup_epochs=0.5",
+    ])  # fmt: skip
+    assert shaped["grid"]["seeds"] == [0] and shaped["grid"]["arms"] == ["SB", "LB"]
+    assert shaped["grid"]["ghost_batch_size"] == 64 and shaped["grid"]["lr_scaling"] == "linear"
+    assert shaped["base"]["model_options"] == {"hidden": 8, "depth": 2}  # one entry changed
+    assert shaped["base"]["regime"]["warmup_epochs"] == 0.5
+    assert shaped["base"]["regime"]["phases"] == preset["base"]["regime"]["phases"]
+    configs = arm_configs(shaped, seed=0)
+    assert [c.train_subset for c in configs.values()] == [100, 100]
+    assert preset["base"].get("train_subset") is None  # the caller's preset is not changed
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ("train_subsett=100", r"unknown override 'train_subsett'; did you mean 'train_subset'"),
+        ("large_batch=512", r"did you mean 'large_batch_size'"),
+        ("batch_size=100", "set by each arm"),
+        ("epochs", r"must be KEY=VALUE \(e.g. epochs=1\), got 'epochs'"),
+        ("seeds=", "must be KEY=VALUE"),
+        ("lr_scaling=cubic", "lr_scaling must be 'sqrt' or 'linear'"),
+        ("arms=['SB', 'XL']", "unknown arm 'XL'"),
+        ("model.hidden=3", "'model' is not a table"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(mini, setting, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        reproduce.apply_settings(load_preset(mini), [setting])
+    assert "\n" not in str(error.value)

@@ -14,8 +14,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bigbatch._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -30,7 +29,10 @@ _EXPORTS = {
     "convert_ghost_batchnorm": "bigbatch.layers.convert",
     "revert_ghost_batchnorm": "bigbatch.layers.convert",
     "Regime": "bigbatch.recipes.regime",
-    "adapt_regime": "bigbatch.recipes.regime",
+    "adapt_regime": "bigbatch.recipes.adapt",
+    "RegimeScheduler": "bigbatch.recipes.scheduler",
+    "LargeBatchSetup": "bigbatch.recipes.loops",
+    "large_batch": "bigbatch.recipes.loops",
     "scale_lr": "bigbatch.recipes.scaling",
     "WeightDistance": "bigbatch.diagnostics",
     "fit_log": "bigbatch.diagnostics",
@@ -42,13 +44,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bigbatch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("bigbatch", _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "drop_none",
     "parse_data_text",
     "remove_stale_temp_files",
     "storage_error",
@@ -185,3 +187,17 @@ def parse_data_text(text: str, fmt: str, context: str) -> Any:
     except Exception as e:  # noqa: BLE001 - tomllib/yaml raise their own (and ValueError); report
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{context}: {first}") from None
+
+
+def drop_none(v: Any) -> Any:
+    """Plain data without its ``None`` values (TOML has no null), recursively.
+
+    Example:
+        >>> drop_none({"a": 1, "b": None, "c": [{"d": None}]})
+        {'a': 1, 'c': [{}]}
+    """
+    if isinstance(v, Mapping):
+        return {k: drop_none(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (list, tuple)):
+        return [drop_none(x) for x in v]
+    return v

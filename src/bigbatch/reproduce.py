@@ -1,24 +1,39 @@
 """The paper's experiment grid: five cumulative arms × seeds, run from a preset, then reported.
 
-Arms (the columns of Hoffer et al. 2017, Table 1), each adding one measure to the previous:
+Arms (the columns of Hoffer et al. 2017, Table 1), each adding one measure to the previous; they are
+defined here (:data:`ARMS`, :func:`arm_configs`) and the report imports them:
 
 ==============  =====================================================================
 SB              batch ``base_batch_size`` with the base regime
 LB              batch ``large_batch_size``, same regime (same epochs, fewer updates)
-LB+LR           + ``lr_scaling = "sqrt"`` (lr × sqrt(B / B0))
+LB+LR           + the grid's ``lr_scaling`` rule (``"sqrt"``: lr × sqrt(B / B0), or ``"linear"``)
 LB+LR+GBN       + ghost batch norm (``ghost_batch_size``)
 LB+LR+GBN+RA    + regime adaptation (epochs and milestones × B / B0: as many updates as SB)
 ==============  =====================================================================
 
-A preset is TOML data (``src/bigbatch/presets/<name>.toml``)::
+A preset is TOML data (``src/bigbatch/presets/<name>.toml``), read as data, never executed::
 
-    name = "demo"
-    description = "..."
-    [base]            # RunConfig keys shared by all arms (model, dataset, regime, clip_grad_norm)
-    [grid]            # seeds (a list, or a count), large_batch_size, ghost_batch_size, arms,
-                      # lr_scaling (the +LR rule, default "sqrt")
-    [paper]           # optional: published accuracy % per arm ("SB" = 99.23, "LB+LR" = ...)
-    [evidence]        # text = what the preset shows, measured on what, how many seeds
+    name = "demo"                 # optional (default: the file name)
+    description = "..."           # optional; one line on what the preset shows
+    [base]                        # RunConfig keys shared by all arms (config-file names:
+                                  # model, dataset, train_subset, base_batch_size, epochs,
+                                  # clip_grad_norm ...) except those each arm sets itself:
+                                  # batch_size, seed, lr_scaling, ghost_batch_size and
+                                  # regime_adaptation
+    [base.regime]                 # optional: the base regime (else the model's default):
+                                  # optimizer, epochs, schedule, warmup_epochs and
+                                  # phases = [{ epoch = 0, lr = ..., momentum = ... }, ...]
+    [grid]                        # large_batch_size and ghost_batch_size (required, >= 2),
+                                  # seeds (a count or a list, default 1), arms (default all five),
+                                  # lr_scaling (the +LR rule: "sqrt", the default, or "linear")
+    [paper]                       # optional: published accuracy % per arm ("SB" = 99.23, ...),
+                                  # source and metric (text)
+    [evidence]                    # optional: text = what the preset shows, measured on what,
+                                  # with how many seeds (shown in the report only when the grid
+                                  # ran the preset unchanged)
+
+``OUT/grid.toml`` is itself a preset: the resolved one, plus ``overrides`` (what the command
+changed) and ``differences`` (each setting that differs from the preset as written, one line each).
 
 Runs go to ``OUT/<slug>/seed<k>/`` and run seed by seed, every arm of a seed before the next seed,
 so a complete first seed exists early. Calling :func:`run_grid` again on the same ``OUT`` skips
@@ -35,7 +50,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import logging
 import time
 from collections.abc import Mapping
@@ -43,98 +57,47 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.fileio import remove_stale_temp_files, tomllib
-from bigbatch.report.tables import ARM_SLUGS, ARMS
-from bigbatch.train.keys import drop_none
+from bigbatch.fileio import drop_none, remove_stale_temp_files, tomllib
+from bigbatch.preset_file import (
+    PRESETS_DIR,
+    check_keys,
+    list_presets,
+    parse_arms,
+    parse_assignment,
+    parse_seeds,
+    positive_int,
+    read_preset,
+    suggest,
+    text_tables,
+)
 
-__all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "arm_configs", "list_presets", "load_preset",
-           "run_grid"]  # fmt: skip
+__all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "apply_settings", "arm_configs", "list_presets",
+           "load_preset", "preset_differences", "run_grid"]  # fmt: skip
 
 log = logging.getLogger("bigbatch.reproduce")
 
-PRESETS_DIR = Path(__file__).parent / "presets"
+# The paper's five cumulative columns and their directory names (the contract's slugs).
+ARM_SLUGS: dict[str, str] = {
+    "SB": "sb",
+    "LB": "lb",
+    "LB+LR": "lb_lr",
+    "LB+LR+GBN": "lb_lr_gbn",
+    "LB+LR+GBN+RA": "lb_lr_gbn_ra",
+}
+ARMS: tuple[str, ...] = tuple(ARM_SLUGS)
 
-# "overrides": what grid.toml records (already applied to [base]/[grid]); a grid.toml is a preset.
-_TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides")
+# "overrides", "differences": what grid.toml records (already applied to [base]/[grid]); a
+# grid.toml is a preset.
+_TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides",
+             "differences")  # fmt: skip
 _GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling")
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")
-_PAPER_INFO_KEYS = ("source", "metric")
 
-
-def _suggest(word: str, choices: list[str]) -> str:
-    hint = difflib.get_close_matches(word, choices, n=1)
-    return f"did you mean {hint[0]!r}? " if hint else ""
-
-
-def list_presets() -> list[str]:
-    """Names of the presets shipped with bigbatch (``paper-*`` rows of Table 1 and ``demo``)."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
-
-
-def _read_preset(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
-    text_name = str(name_or_path)
-    is_path = isinstance(name_or_path, Path) or text_name.endswith(".toml") or "/" in text_name
-    if is_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"preset file {text_name!r} not found")
-    else:
-        path = PRESETS_DIR / f"{text_name}.toml"
-        if not path.is_file():
-            names = list_presets()
-            raise ConfigError(
-                f"unknown preset {text_name!r}; {_suggest(text_name, names)}"
-                f"available presets: {', '.join(names)} (or pass the path of a .toml file)"
-            )
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8")), path.stem
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot read preset {str(path)!r}: {e}") from None
-
-
-def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(
-                f"unknown key {key!r} in {where}; {_suggest(key, list(allowed))}"
-                f"allowed: {', '.join(allowed)}"
-            )
-
-
-def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"[grid] {key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _seeds(value: Any) -> list[int]:
-    """A seed count n (seeds 0..n-1) or an explicit list of distinct seeds >= 0."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return list(range(_positive_int(value, "seeds")))
-    if isinstance(value, (list, tuple)) and value:
-        seeds = [_positive_int(s, "seeds", minimum=0) for s in value]
-        if len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds repeat a value: {list(value)}")
-        return seeds
-    raise ConfigError(f"seeds must be a count >= 1 or a non-empty list of seeds, got {value!r}")
-
-
-def _arms(value: Any) -> list[str]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"arms must be a non-empty list drawn from {list(ARMS)}, got {value!r}")
-    for arm in value:
-        if arm not in ARM_SLUGS:
-            raise ConfigError(
-                f"unknown arm {arm!r}; {_suggest(str(arm), list(ARMS))}arms: {', '.join(ARMS)}"
-            )
-    if len(set(value)) != len(value):
-        raise ConfigError(f"arms repeat a value: {list(value)}")
-    return [a for a in ARMS if a in value]  # the paper's order
 
 
 def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
-    _check_keys(preset, _TOP_KEYS, "the preset")
+    check_keys(preset, _TOP_KEYS, "the preset")
     for key in ("base", "grid"):
         if not isinstance(preset.get(key), Mapping):
             raise ConfigError(f"the preset needs a [{key}] table")
@@ -145,37 +108,24 @@ def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
                 f"[base] sets {key!r}, which each arm sets itself; use [grid] large_batch_size, "
                 "ghost_batch_size, lr_scaling or --seeds instead"
             )
-    _check_keys(grid, _GRID_KEYS, "[grid]")
+    check_keys(grid, _GRID_KEYS, "[grid]")
     for key in ("large_batch_size", "ghost_batch_size"):
         if key not in grid:
             raise ConfigError(f"[grid] needs {key}")
-        _positive_int(grid[key], key, minimum=2)
-    grid["seeds"] = _seeds(grid.get("seeds", 1))
-    grid["arms"] = _arms(grid.get("arms", list(ARMS)))
+        positive_int(grid[key], key, minimum=2)
+    grid["seeds"] = parse_seeds(grid.get("seeds", 1))
+    grid["arms"] = parse_arms(grid.get("arms", list(ARMS)), ARMS)
     grid.setdefault("lr_scaling", "sqrt")
     if grid["lr_scaling"] not in ("sqrt", "linear"):
         raise ConfigError(
             f"[grid] lr_scaling must be 'sqrt' or 'linear', got {grid['lr_scaling']!r}"
         )
-    paper = dict(preset.get("paper") or {})
-    _check_keys(paper, (*ARMS, *_PAPER_INFO_KEYS), "[paper]")
-    for arm in ARMS:
-        value = paper.get(arm)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value <= 100):  # fmt: skip
-            raise ConfigError(f"[paper] {arm!r} must be an accuracy in % (0-100), got {value!r}")
-    evidence = preset.get("evidence") or {}
-    if isinstance(evidence, str):
-        evidence = {"text": evidence}
-    if not isinstance(evidence, Mapping) or not all(isinstance(v, str) for v in evidence.values()):
-        raise ConfigError("[evidence] must be a table of text values (text = '...')")
     resolved = {
         "name": str(preset.get("name", default_name)),
         "description": str(preset.get("description", "")),
         "base": base,
         "grid": grid,
-        "paper": paper,
-        "evidence": dict(evidence),
+        **text_tables(preset, ARMS),  # paper, evidence, differences
     }
     _base_config(resolved)  # RunConfig validation: unknown keys, models, datasets, the regime
     arm_configs(resolved, seed=grid["seeds"][0])  # arm-specific checks (ghost <= large batch ...)
@@ -196,7 +146,7 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: unknown preset name (with the available ones), unknown or invalid keys.
     """
-    raw, stem = _read_preset(name_or_path)
+    raw, stem = read_preset(name_or_path)
     return _validate(raw, stem)
 
 
@@ -227,26 +177,53 @@ def arm_configs(preset: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 
 def _apply_overrides(preset: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Route flat override keys: grid keys to [grid], RunConfig keys to [base]; None = unset."""
+    """Route flat override keys: [grid] keys to [grid], RunConfig keys to [base]; None = unset.
+
+    A dotted key sets one entry of a [base] table (``model_options.hidden``, ``regime.epochs``).
+    """
     from bigbatch.train.config import RunConfig
 
     fields = list(RunConfig.__dataclass_fields__)
     base, grid = dict(preset["base"]), dict(preset["grid"])
     for key, value in overrides.items():
+        head, _, entry = key.partition(".")
         if value is None:
             continue
-        if key in ("large_batch_size", "ghost_batch_size", "lr_scaling"):
+        if key in _GRID_KEYS:
             grid[key] = value
-        elif key == "seeds":
-            grid["seeds"] = value
         elif key in _ARM_KEYS:
             raise ConfigError(f"override {key!r} is set by each arm; it cannot be overridden")
+        elif entry and head in fields:
+            table = base.get(head) or {}
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{head!r} is not a table, so {key!r} cannot be set")
+            base[head] = {**table, entry: value}
         elif key in fields:
             base[key] = value
         else:
-            allowed = [*fields, "large_batch_size", "ghost_batch_size", "lr_scaling", "seeds"]
-            raise ConfigError(f"unknown override {key!r}; {_suggest(key, allowed)}".rstrip())
+            allowed = [*fields, *_GRID_KEYS]
+            raise ConfigError(f"unknown override {key!r}; {suggest(key, allowed)}".rstrip())
     return _validate({**preset, "base": base, "grid": grid}, preset["name"])
+
+
+def apply_settings(preset: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """A resolved preset with ``KEY=VALUE`` settings applied (what ``--set`` passes), validated.
+
+    Keys are [grid] keys (``seeds``, ``arms``, ``large_batch_size``, ``ghost_batch_size``,
+    ``lr_scaling``), RunConfig keys for [base] (``epochs``, ``train_subset`` ...), or a dotted
+    entry of a [base] table (``model_options.hidden``, ``regime.warmup_epochs``). Values are TOML
+    (``1``, ``0.5``, ``[0, 1]``, ``"text"``); a bare word that is not TOML is a string.
+
+    Raises:
+        ConfigError: no ``=``, an unknown key (with a did-you-mean), a key each arm sets itself,
+            or a value the preset's validation refuses.
+
+    Example:
+        >>> demo = apply_settings(load_preset("demo"), ["epochs=1", "seeds=[3]"])
+        >>> demo["base"]["epochs"], demo["grid"]["seeds"]
+        (1, [3])
+    """
+    return _apply_overrides(preset, dict(parse_assignment(a) for a in assignments))
 
 
 def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,10 +233,10 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
         return None
     old = tomllib.loads(path.read_text(encoding="utf-8"))
     # Keys that may change between two calls on the same grid: they do not change results.
-    from bigbatch.train.rundir import fixed_keys
+    from bigbatch.train.config import RESUME_FREE_KEYS
 
-    old_base = {k: old["base"][k] for k in fixed_keys(old.get("base", {}))}
-    new_base = {k: v for k, v in drop_none(preset["base"]).items() if k in fixed_keys([k])}
+    old_base = {k: v for k, v in old.get("base", {}).items() if k not in RESUME_FREE_KEYS}
+    new_base = {k: v for k, v in drop_none(preset["base"]).items() if k not in RESUME_FREE_KEYS}
     diffs = [
         f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
         for k in sorted(set(old_base) | set(new_base))
@@ -335,70 +312,26 @@ def run_grid(
             grid.
     """
     out_dir = Path(out_dir)
-    resolved = load_preset(preset)
-    changes = dict(overrides or {})
-    if seeds is not None:
-        changes["seeds"] = seeds
-    if arms is not None:
-        changes["arms"] = list(arms)
-    if device is not None:
-        changes["device"] = device
-    changes["progress"] = progress
-    arm_list = changes.pop("arms", None)
-    resolved = _apply_overrides(resolved, changes)
-    if arm_list is not None:
-        resolved["grid"]["arms"] = _arms(arm_list)
+    original = load_preset(preset)
+    changes = {**(overrides or {}), "seeds": seeds, "arms": arms, "device": device,
+               "progress": progress}  # fmt: skip
+    resolved = _apply_overrides(original, changes)
     old = _check_same_grid(out_dir, resolved)
     from bigbatch.distributed import launcher_rank
-    from bigbatch.report.render import FIGURE_DIR
 
     # Under torchrun every process runs the grid (each run is one DDP job) but only rank 0 writes
     # grid files and the report; the engine itself writes run files on rank 0 only.
     is_main = launcher_rank() == 0
     if is_main:
+        from bigbatch.report.render import FIGURE_DIR
+
         remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
-
-    # grid.toml describes everything in the directory: the union with an earlier call's seeds/arms.
-    record = drop_none(resolved)
-    record["overrides"] = drop_none({k: v for k, v in (overrides or {}).items()})
-    if old is not None:
-        old_grid = old.get("grid", {})
-        seeds_before = set(old_grid.get("seeds", []))
-        record["grid"]["seeds"] = sorted(set(record["grid"]["seeds"]) | seeds_before)
-        record["grid"]["arms"] = [a for a in ARMS if a in record["grid"]["arms"]
-                                  or a in old_grid.get("arms", [])]  # fmt: skip
-    import tomli_w
-
-    from bigbatch.report.render import atomic_write
-    from bigbatch.train import rundir
-
-    if is_main:
-        atomic_write(out_dir / "grid.toml", tomli_w.dumps(record))
+        _write_record(out_dir, original, resolved, overrides or {}, old)
 
     plan = [(seed, arm) for seed in resolved["grid"]["seeds"] for arm in resolved["grid"]["arms"]]
     started = time.perf_counter()
     for index, (seed, arm) in enumerate(plan, 1):
-        run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
-        previous = rundir.read_summary(run_dir)
-        status = previous.get("status")
-        if status == "complete":
-            log.info("[%d/%d] %s", index, len(plan),
-                     _one_line(arm, seed, previous, "already complete"))  # fmt: skip
-            continue
-        if status == "diverged":
-            log.info("[%d/%d] %s seed %d: diverged earlier (%s); kept, not retried (delete %s to "
-                     "retry)", index, len(plan), arm, seed, previous.get("message", "?"), run_dir)
-            continue
-        config = arm_configs(resolved, seed)[arm]
-        resume = run_dir.exists()  # the engine restarts a run dir without a checkpoint cleanly
-        log.info("[%d/%d] %s seed %d: %s %s", index, len(plan), arm, seed,
-                 "resuming" if resume else "running", run_dir)  # fmt: skip
-        try:
-            summary = _train(config, run_dir, resume=resume)
-        except DivergenceError as e:
-            log.warning("[%d/%d] %s seed %d diverged: %s", index, len(plan), arm, seed, e)
-            continue
-        log.info("[%d/%d] %s", index, len(plan), _one_line(arm, seed, summary, "done"))
+        _run_one(resolved, out_dir, arm, seed, f"[{index}/{len(plan)}]")
     if not is_main:
         return out_dir
     from bigbatch.report import write_report
@@ -407,3 +340,75 @@ def run_grid(
     elapsed = time.perf_counter() - started
     log.info("grid %s: %.1f min; report %s and %s", out_dir, elapsed / 60, md_path, html_path)
     return out_dir
+
+
+def preset_differences(preset: Mapping[str, Any], grid: Mapping[str, Any]) -> list[str]:
+    """One line per setting in which ``grid`` differs from ``preset`` (both resolved presets).
+
+    Keys that do not change results (device, progress, data_dir ...) are left out. The report
+    shows the preset's own evidence only when this list is empty.
+
+    Example:
+        >>> demo = load_preset("demo")
+        >>> short = {**demo, "base": {**demo["base"], "epochs": 1}}
+        >>> preset_differences(demo, short)
+        ['[base] epochs: unset -> 1']
+    """
+    from bigbatch.train.config import RESUME_FREE_KEYS
+
+    lines = []
+    for table, keys in (("base", None), ("grid", ("seeds", "arms", *_GRID_KEYS[1:]))):
+        old, new = drop_none(preset[table]), drop_none(grid[table])
+        for key in keys or sorted(set(old) | set(new)):
+            if key in RESUME_FREE_KEYS or old.get(key) == new.get(key):
+                continue
+            before, after = (repr(v) if v is not None else "unset" for v in (old.get(key),
+                                                                             new.get(key)))
+            lines.append(f"[{table}] {key}: {before} -> {after}".replace("'", ""))
+    return lines
+
+
+def _write_record(out_dir: Path, original: dict[str, Any], resolved: dict[str, Any],
+                  overrides: Mapping[str, Any], old: dict[str, Any] | None) -> None:
+    """grid.toml: everything in the directory (the union with an earlier call's seeds/arms)."""
+    import tomli_w
+
+    from bigbatch.fileio import atomic_write_text
+
+    record = drop_none(resolved)
+    record["overrides"] = drop_none(dict(overrides))
+    if old is not None:
+        old_grid = old.get("grid", {})
+        seeds_before = set(old_grid.get("seeds", []))
+        record["grid"]["seeds"] = sorted(set(record["grid"]["seeds"]) | seeds_before)
+        record["grid"]["arms"] = [a for a in ARMS if a in record["grid"]["arms"]
+                                  or a in old_grid.get("arms", [])]  # fmt: skip
+    new = [d for d in preset_differences(original, record) if d not in original["differences"]]
+    record["differences"] = [*original["differences"], *new]
+    atomic_write_text(out_dir / "grid.toml", tomli_w.dumps(record))
+
+
+def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step: str) -> None:
+    """Run, resume or skip one (arm, seed) of the grid; a divergence is logged, not raised."""
+    from bigbatch.train.rundir import read_summary
+
+    run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
+    previous = read_summary(run_dir)
+    status = previous.get("status")
+    if status == "complete":
+        log.info("%s %s", step, _one_line(arm, seed, previous, "already complete"))
+        return
+    if status == "diverged":
+        log.info("%s %s seed %d: diverged earlier (%s); kept, not retried (delete %s to retry)",
+                 step, arm, seed, previous.get("message", "?"), run_dir)  # fmt: skip
+        return
+    config = arm_configs(resolved, seed)[arm]
+    resume = run_dir.exists()  # the engine restarts a run dir without a checkpoint cleanly
+    log.info("%s %s seed %d: %s %s", step, arm, seed,
+             "resuming" if resume else "running", run_dir)  # fmt: skip
+    try:
+        summary = _train(config, run_dir, resume=resume)
+    except DivergenceError as e:
+        log.warning("%s %s seed %d diverged: %s", step, arm, seed, e)
+        return
+    log.info("%s %s", step, _one_line(arm, seed, summary, "done"))

@@ -62,7 +62,7 @@ def parse_idx(
         expected_magic: if given, the magic number the file must start with.
 
     Returns:
-        A read-only numpy array of the stored dtype (converted to native byte order) and shape.
+        A writable numpy array (a copy) of the stored dtype, in native byte order, and shape.
 
     Raises:
         DataError: wrong magic number, unknown type, or a size that does not match the header.
@@ -101,7 +101,8 @@ def parse_idx(
             f"file holds {actual}: the file {problem}; download it again"
         )
     array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=False)
+    # A copy: the view of `data` is read-only, and torch.from_numpy warns on read-only arrays.
+    return array.astype(dtype.newbyteorder("="))
 
 
 def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:

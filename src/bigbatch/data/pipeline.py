@@ -210,8 +210,8 @@ class InMemoryLoader(EpochBatches):
         device: str | torch.device = "cpu",
         padding: int = 4,
     ):
-        # Readers return read-only views of the file bytes (np.frombuffer); torch would warn on
-        # them, so take a writable copy first (np.require copies only when needed).
+        # Our readers return writable arrays; a caller's own read-only array (np.frombuffer, a
+        # memory map) would make torch warn, so take a writable copy (only when needed).
         if isinstance(images, np.ndarray):
             images = np.require(images, requirements="W")
         if isinstance(labels, np.ndarray):

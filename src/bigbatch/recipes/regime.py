@@ -1,4 +1,4 @@
-"""Training regimes as data: phases of optimizer settings over epochs, and large-batch adaptation.
+"""Training regimes as data: phases of optimizer settings over epochs, with warm-up and cosine.
 
 A regime is the schedule the paper calls the "training regime": the optimizer, the number of epochs
 and piecewise-constant settings (lr, momentum, weight decay) that change at epoch milestones. Its
@@ -8,48 +8,27 @@ plain-dict form, which is also the TOML/YAML form::
      "phases": [{"epoch": 0, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
                 {"epoch": 3, "lr": 0.01}, {"epoch": 4, "lr": 0.001}]}
 
-Later phases inherit every setting they do not name. :func:`adapt_regime` applies the paper's two
-regime-level measures: learning-rate scaling (+LR) and regime adaptation (+RA, train B/B0 times
-more epochs with every milestone stretched by the same factor, so the *number of updates* matches
-small-batch training), plus an optional Goyal et al. warm-up.
-
-The optimizer is built once (:func:`build_optimizer`) and its settings are changed in place
-(:func:`apply_settings`); the official 2017 code instead rebuilt SGD at every epoch, which silently
-reset the momentum buffers about every 13 updates at B = 4096 on CIFAR.
+Later phases inherit every setting they do not name. :func:`bigbatch.recipes.adapt_regime` applies
+the paper's two regime-level measures (+LR and +RA, :mod:`bigbatch.recipes.adapt`);
+:mod:`bigbatch.recipes.optim` builds the optimizer once and changes its settings in place, and
+:class:`bigbatch.recipes.RegimeScheduler` does that once per update in any training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import inspect
-import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bigbatch.errors import ConfigError
 from bigbatch.fileio import parse_data_text
-from bigbatch.recipes.scaling import lr_scale_factor
+from bigbatch.recipes.optim import _check_setting_names, _optimizer_class, _unknown
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = [
-    "SCHEDULES",
-    "Regime",
-    "adapt_regime",
-    "apply_settings",
-    "build_optimizer",
-    "format_adaptation_table",
-    "num_updates",
-    "updates_per_epoch",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["SCHEDULES", "Regime"]
 
 SCHEDULES = ("step", "cosine")
 _KEYS = (
@@ -89,13 +68,6 @@ class _ReadOnlyDict(dict):
 
 
 # -- validation helpers ---------------------------------------------------------------------------
-def _unknown(where: str, what: str, key: object, allowed: Iterable[str]) -> ConfigError:
-    allowed = sorted(allowed)
-    hint = difflib.get_close_matches(str(key), allowed, n=1)
-    mean = f"did you mean {hint[0]!r}? " if hint else ""
-    return ConfigError(f"{where}unknown {what} {key!r}; {mean}allowed: {', '.join(allowed)}")
-
-
 def _yaml_hint(value: object) -> str:
     if isinstance(value, str):
         try:
@@ -138,35 +110,6 @@ def _plain(value: Any) -> Any:
 
 def _tidy_epoch(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
-
-
-@functools.cache
-def _optimizer_class(name: str) -> tuple[type, frozenset[str] | None]:
-    """`torch.optim.<name>` and the keyword settings its constructor takes (None: any, via **kw)."""
-    import torch.optim
-
-    def is_optimizer(obj: object) -> bool:
-        return (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
-                and obj is not torch.optim.Optimizer)
-
-    cls = getattr(torch.optim, name, None) if isinstance(name, str) else None
-    if not is_optimizer(cls):
-        known = [n for n in dir(torch.optim) if is_optimizer(getattr(torch.optim, n))]
-        raise _unknown("", "optimizer", name, known)
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return cls, None
-    return cls, frozenset(p.name for p in params if p.name != "params"
-                          and p.kind is not inspect.Parameter.VAR_POSITIONAL)
-
-
-def _check_setting_names(where: str, keys: Iterable[str], optimizer: str,
-                         accepted: frozenset[str] | None) -> None:
-    if accepted is None:
-        return
-    for key in keys:
-        if key not in accepted:
-            raise _unknown(where, f"setting for {optimizer}", key, accepted)
 
 
 # -- the regime -----------------------------------------------------------------------------------
@@ -243,37 +186,42 @@ class Regime:
             raise ConfigError(f"phases must be a list of tables, got {type(self.phases).__name__}")
         if not self.phases:
             raise ConfigError("phases must not be empty: the first phase sets the lr at epoch 0")
-        phases = []
+        phases: list[Mapping[str, Any]] = []
         for i, phase in enumerate(self.phases):
-            where = f"phases[{i}]"
-            if not isinstance(phase, Mapping):
-                raise ConfigError(f"{where} must be a table, got {type(phase).__name__} {phase!r}")
-            if "epoch" not in phase:
-                raise ConfigError(f"{where} needs 'epoch' (the epoch at which it starts)")
-            settings = {k: v for k, v in phase.items() if k != "epoch"}
-            _check_setting_names(f"{where}: ", settings, self.optimizer, accepted)
-            clash = sorted(set(settings) & set(self.optimizer_options))
-            if clash:
-                raise ConfigError(f"{where}: {clash[0]!r} is both a phase setting and an "
-                                  "optimizer_options entry; keep it in one place")
-            start = _number(f"{where}.epoch", phase["epoch"], low=0.0)
-            if i == 0 and start != 0:
-                raise ConfigError(f"phases[0].epoch must be 0 (the first phase starts the run), "
-                                  f"got {phase['epoch']!r}")
-            if i == 0 and "lr" not in settings:
-                raise ConfigError("phases[0] must set 'lr'")
-            if i > 0 and start <= phases[-1]["epoch"]:
-                raise ConfigError(f"{where}.epoch ({start:g}) must be greater than "
-                                  f"phases[{i - 1}].epoch ({phases[-1]['epoch']:g}): phases are "
-                                  "sorted by start epoch")
-            if start >= self.epochs:
-                raise ConfigError(f"{where}.epoch ({start:g}) must be less than epochs "
-                                  f"({self.epochs:g}): a phase at or after the end never runs")
-            if "lr" in settings:
-                _number(f"{where}.lr", settings["lr"], low=0.0)
-            normal = {k: _setting(f"{where}.{k}", v) for k, v in settings.items()}
-            phases.append(_ReadOnlyDict(epoch=start, **normal))
+            phases.append(self._checked_phase(i, phase, phases[-1] if phases else None, accepted))
         set_("phases", tuple(phases))
+
+    def _checked_phase(self, i: int, phase: object, previous: Mapping[str, Any] | None,
+                       accepted: frozenset[str] | None) -> Mapping[str, Any]:
+        """Phase ``i`` validated against the one before it (None for the first) and normalised."""
+        where = f"phases[{i}]"
+        if not isinstance(phase, Mapping):
+            raise ConfigError(f"{where} must be a table, got {type(phase).__name__} {phase!r}")
+        if "epoch" not in phase:
+            raise ConfigError(f"{where} needs 'epoch' (the epoch at which it starts)")
+        settings = {k: v for k, v in phase.items() if k != "epoch"}
+        _check_setting_names(f"{where}: ", settings, self.optimizer, accepted)
+        clash = sorted(set(settings) & set(self.optimizer_options))
+        if clash:
+            raise ConfigError(f"{where}: {clash[0]!r} is both a phase setting and an "
+                              "optimizer_options entry; keep it in one place")
+        start = _number(f"{where}.epoch", phase["epoch"], low=0.0)
+        if i == 0 and start != 0:
+            raise ConfigError(f"phases[0].epoch must be 0 (the first phase starts the run), "
+                              f"got {phase['epoch']!r}")
+        if i == 0 and "lr" not in settings:
+            raise ConfigError("phases[0] must set 'lr'")
+        if previous is not None and start <= previous["epoch"]:
+            raise ConfigError(f"{where}.epoch ({start:g}) must be greater than "
+                              f"phases[{i - 1}].epoch ({previous['epoch']:g}): phases are "
+                              "sorted by start epoch")
+        if start >= self.epochs:
+            raise ConfigError(f"{where}.epoch ({start:g}) must be less than epochs "
+                              f"({self.epochs:g}): a phase at or after the end never runs")
+        if "lr" in settings:
+            _number(f"{where}.lr", settings["lr"], low=0.0)
+        normal = {k: _setting(f"{where}.{k}", v) for k, v in settings.items()}
+        return _ReadOnlyDict(epoch=start, **normal)
 
     # -- plain data -------------------------------------------------------------------------------
     @classmethod
@@ -397,206 +345,3 @@ class Regime:
         return dataclasses.replace(self, phases=phases, epochs=epochs,
                                    warmup_epochs=self.warmup_epochs * epochs / self.epochs)
 
-
-# -- counting updates -----------------------------------------------------------------------------
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def updates_per_epoch(dataset_size: int, batch_size: int) -> int:
-    """``ceil(dataset_size / batch_size)``: the last, partial batch of an epoch is kept.
-
-    Example:
-        >>> updates_per_epoch(50000, 4096)
-        13
-    """
-    n = _positive_int("dataset_size", dataset_size)
-    b = _positive_int("batch_size", batch_size)
-    return -(-n // b)
-
-
-def num_updates(regime: Regime, dataset_size: int, batch_size: int) -> int:
-    """Total updates of a run: ``regime.epochs * updates_per_epoch`` rounded to the nearest integer.
-
-    Halves round up, and a relative tolerance of 1e-9 absorbs float noise from rescaled epochs
-    (``2.5 * 4096 / 128``), so two regimes whose exact update counts agree always count the same.
-    """
-    x = regime.epochs * updates_per_epoch(dataset_size, batch_size)
-    return math.floor(x + 0.5 + 1e-9 * max(1.0, x))
-
-
-def _samples(num: int, dataset_size: int, batch_size: int) -> int:
-    """Samples seen in ``num`` updates when every epoch ends with a partial batch."""
-    per_epoch = updates_per_epoch(dataset_size, batch_size)
-    full, rest = divmod(num, per_epoch)
-    return full * dataset_size + min(dataset_size, rest * batch_size)
-
-
-# -- large-batch adaptation -----------------------------------------------------------------------
-def _epoch_factor(regime_adaptation: bool | float, base_batch_size: int, batch_size: int) -> float:
-    if isinstance(regime_adaptation, bool):
-        return batch_size / base_batch_size if regime_adaptation else 1.0
-    return _number("regime_adaptation", regime_adaptation, low=0.0, low_ok=False)
-
-
-def adapt_regime(
-    regime: Regime | Mapping[str, Any],
-    base_batch_size: int,
-    batch_size: int,
-    lr_scaling: str = "sqrt",
-    regime_adaptation: bool | float = True,
-    warmup_epochs: float = 0.0,
-) -> Regime:
-    """Adapt a regime tuned at ``base_batch_size`` to ``batch_size`` (Hoffer et al. 2017: +LR, +RA).
-
-    * **+LR**: the lr of every phase is multiplied by ``lr_scale_factor(base_batch_size,
-      batch_size, lr_scaling)`` (``sqrt(B / B0)`` for the paper).
-    * **+RA**: epochs, every milestone and an existing warm-up are multiplied by ``B / B0`` when
-      ``regime_adaptation`` is True, by the number itself when it is a float, and kept when False.
-      The factor is the exact ratio B/B0, not the official code's ``ceil(B / B0)``: with it the
-      number of updates ``epochs * ceil(N / B)`` equals the base regime's up to the rounding of the
-      last, partial batch of each epoch (exactly when B0 and B both divide N; in general the
-      difference is ``epochs * (((-N) mod B) - ((-N) mod B0)) / B0`` updates, +-1), while ``ceil``
-      would train up to twice as long for a batch size that is not a multiple of B0.
-    * **warm-up**: ``warmup_epochs > 0`` (in epochs of the *adapted* regime) replaces any warm-up
-      with a linear ramp from the base-batch lr to the scaled lr (``warmup_start_factor = 1 / lr
-      factor``, Goyal et al. 2017). Without lr scaling up, the two lrs coincide and the ramp is
-      flat. ``warmup_epochs = 0`` keeps the input's own warm-up (stretched with the other epochs).
-
-    The input is never modified (a :class:`Regime` is immutable; a dict is only read).
-
-    Args:
-        regime: a :class:`Regime` or its dict form.
-        base_batch_size: the batch size B0 the regime was tuned for.
-        batch_size: the batch size B to train with.
-        lr_scaling: ``"sqrt"``, ``"linear"`` or ``"none"``.
-        regime_adaptation: True (x B/B0), False (x1) or a factor > 0 for epochs and milestones.
-        warmup_epochs: warm-up length in adapted epochs, >= 0 and <= the adapted epochs.
-
-    Returns:
-        A new :class:`Regime`.
-
-    Raises:
-        ConfigError: bad batch sizes, scaling rule, adaptation factor or warm-up.
-
-    Example:
-        >>> base = {"epochs": 5, "phases": [{"epoch": 0, "lr": 0.1}, {"epoch": 3, "lr": 0.01}]}
-        >>> r = adapt_regime(base, 128, 512)
-        >>> r.epochs, r.milestones, r.phases[0]["lr"]
-        (20.0, (12.0,), 0.2)
-    """
-    if not isinstance(regime, Regime):
-        regime = Regime.from_dict(regime)
-    lr_factor = lr_scale_factor(base_batch_size, batch_size, lr_scaling)
-    adapted = regime.scale_epochs(_epoch_factor(regime_adaptation, base_batch_size, batch_size))
-    phases = tuple({**p, "lr": p["lr"] * lr_factor} if "lr" in p else p for p in adapted.phases)
-    warmup = _number("warmup_epochs", warmup_epochs, low=0.0)
-    if warmup > 0:
-        start = min(1.0, 1.0 / lr_factor)
-        if start == 1.0:
-            logger.info("warm-up of %g epochs is flat: the lr is not scaled up (factor %g)",
-                        warmup, lr_factor)
-        return dataclasses.replace(adapted, phases=phases, warmup_epochs=warmup,
-                                   warmup_start_factor=start)
-    return dataclasses.replace(adapted, phases=phases)
-
-
-def format_adaptation_table(
-    before: Regime | Mapping[str, Any],
-    after: Regime | Mapping[str, Any],
-    *,
-    base_batch_size: int,
-    batch_size: int,
-    dataset_size: int,
-) -> str:
-    """A plain-text table comparing a small-batch regime with its large-batch adaptation.
-
-    Rows: batch size, schedule, lr of each phase (with its start epoch), epochs, milestones,
-    warm-up, updates per epoch, number of updates and samples processed (every epoch's last batch
-    is partial).
-
-    Example:
-        >>> base = Regime.from_dict({"epochs": 5, "phases": [{"epoch": 0, "lr": 0.1}]})
-        >>> print(format_adaptation_table(base, adapt_regime(base, 128, 512), base_batch_size=128,
-        ...                               batch_size=512, dataset_size=1024))
-                           small batch  large batch
-        batch size         128          512
-        schedule           step         step
-        lr, phase 1        0.1 @ ep 0   0.2 @ ep 0
-        epochs             5            20
-        milestones         -            -
-        warm-up            -            -
-        updates per epoch  8            2
-        number of updates  40           40
-        samples processed  5120         20480
-    """
-    before = before if isinstance(before, Regime) else Regime.from_dict(before)
-    after = after if isinstance(after, Regime) else Regime.from_dict(after)
-
-    def column(r: Regime, b: int) -> list[str]:
-        n = num_updates(r, dataset_size, b)
-        lrs = [f"{p['lr']:.6g} @ ep {p['epoch']:g}" if "lr" in p else f"(kept) @ ep {p['epoch']:g}"
-               for p in r.phases]
-        warm = (f"{r.warmup_epochs:g} ep from x{r.warmup_start_factor:.3g}"
-                if r.warmup_epochs > 0 else "-")
-        return [str(b), r.schedule, *lrs + [""] * (num_phases - len(lrs)), f"{r.epochs:g}",
-                ", ".join(f"{m:g}" for m in r.milestones) or "-", warm,
-                str(updates_per_epoch(dataset_size, b)), str(n), str(_samples(n, dataset_size, b))]
-
-    num_phases = max(len(before.phases), len(after.phases))
-    labels = ["batch size", "schedule", *[f"lr, phase {i + 1}" for i in range(num_phases)],
-              "epochs", "milestones", "warm-up", "updates per epoch", "number of updates",
-              "samples processed"]
-    left, right = column(before, base_batch_size), column(after, batch_size)
-    widths = [max(map(len, col)) + 2 for col in (labels, left + ["small batch"])]
-    lines = [f"{'':<{widths[0]}}{'small batch':<{widths[1]}}large batch"]
-    rows = zip(labels, left, right, strict=True)
-    lines += [f"{a:<{widths[0]}}{b:<{widths[1]}}{c}" for a, b, c in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-# -- optimizer ------------------------------------------------------------------------------------
-def build_optimizer(params: Iterable[Any], regime: Regime) -> torch.optim.Optimizer:
-    """``torch.optim.<regime.optimizer>(params, **settings_at(0), **optimizer_options)``.
-
-    Build it once per run and change settings with :func:`apply_settings`.
-
-    Raises:
-        ConfigError: an unknown optimizer, or a setting value the optimizer rejects (its message).
-    """
-    if not isinstance(regime, Regime):
-        regime = Regime.from_dict(regime)
-    cls, _ = _optimizer_class(regime.optimizer)
-    kwargs = {**regime.optimizer_options, **regime.settings_at(0.0)}
-    try:
-        return cls(params, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build {regime.optimizer} with {kwargs}: {e}") from e
-
-
-def apply_settings(optimizer: torch.optim.Optimizer, settings: Mapping[str, Any]) -> None:
-    """Set ``settings`` (lr, momentum, weight_decay, ...) on every param group, in place.
-
-    The optimizer and its state (momentum buffers, Adam moments) are kept. The official 2017 code
-    rebuilt SGD at every epoch to change the lr, which threw the momentum buffers away; we never do.
-    A tensor-valued setting (e.g. ``lr`` of a capturable or fused Adam) is filled in place, so CUDA
-    graphs and compiled steps that captured it see the new value.
-
-    Raises:
-        ConfigError: a setting that the optimizer's param groups do not have (nothing is changed).
-    """
-    import torch
-
-    for group in optimizer.param_groups:
-        for key in settings:
-            if key not in group:
-                allowed = [k for k in group if k != "params"]
-                raise _unknown("", f"setting for {type(optimizer).__name__}", key, allowed)
-    for group in optimizer.param_groups:
-        for key, value in settings.items():
-            if isinstance(group[key], torch.Tensor):
-                group[key].fill_(value)
-            else:
-                group[key] = value

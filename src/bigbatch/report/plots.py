@@ -10,15 +10,19 @@ import io
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # before pyplot: the report is written on headless machines
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bigbatch.report.tables import ArmRow, DiffusionFit, GridData, RunData  # noqa: E402
+from bigbatch.report.diffusion import DiffusionFit  # noqa: E402
+from bigbatch.report.grid import GridData, RunData, nan0  # noqa: E402
+from bigbatch.report.stats import ArmRow  # noqa: E402
 
-__all__ = ["plot_diffusion", "plot_error_curves", "plot_generalization_gap"]
+__all__ = ["plot_curves", "plot_diffusion", "plot_generalization_gap", "plot_losses",
+           "plot_lr_schedules"]  # fmt: skip
 
 _COLORS = {
     "SB": "#1f77b4",
@@ -37,62 +41,136 @@ def _png(fig) -> bytes:
 
 
 def _curve(runs: list[RunData], key: str, x: str) -> tuple[np.ndarray, ...] | None:
-    """Mean, min and max of ``key`` over seeds at the evaluation points every seed has.
+    """Mean x, and mean, min and max of ``key`` over seeds at the evaluations every seed has.
 
     Seeds of one arm evaluate at the same update counts, so points are matched by ``updates``;
-    ``x`` ("epoch" or "updates") is the coordinate returned.
+    ``x`` ("epoch", "updates" or "wall_time_s") is averaged over the seeds (wall times differ).
     """
     per_run = []
     for run in runs:
         points = {}
         for row in run.metrics:
-            u, v = row.get("updates", math.nan), row.get(key, math.nan)
-            if not (math.isnan(u) or math.isnan(v)):
-                points[u] = (row.get(x, math.nan), v)
+            u, v, at = row.get("updates", math.nan), row.get(key, math.nan), row.get(x, math.nan)
+            if not (math.isnan(u) or math.isnan(v) or math.isnan(at)):
+                points[u] = (at, v)
         per_run.append(points)
     if not per_run:
         return None
     common = sorted(set.intersection(*(set(p) for p in per_run)))
-    if x == "updates":
-        common = [u for u in common if u > 0]  # log axis
+    common = [u for u in common if u > 0]  # the evaluation before training has no place on a log
     if not common:
         return None
-    xs = np.array([per_run[0][u][0] for u in common])
+    xs = np.array([[p[u][0] for u in common] for p in per_run]).mean(0)
     values = np.array([[p[u][1] for u in common] for p in per_run])
     return xs, values.mean(0), values.min(0), values.max(0)
 
 
-def plot_error_curves(grid: GridData, x: str = "epoch") -> bytes | None:
-    """Validation error vs epochs (linear) or updates (log), mean over seeds with a min-max band."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn = False
+_X_LABELS = {"epoch": "epochs", "updates": "updates", "wall_time_s": "wall-clock time s"}
+
+
+def _draw_curves(ax, grid: GridData, key: str, x: str, log_x: bool) -> list[float]:
+    """One line (mean) and band (min-max over seeds) per arm; returns each arm's last x."""
     final_xs = []
     for arm in grid.arms:
-        curve = _curve(grid.complete_runs(arm), "val_error_pct", x)
+        runs = grid.complete_runs(arm)
+        curve = _curve(runs, key, x)
         if curve is None:
             continue
         xs, mean, low, high = curve
         final_xs.append(float(xs[-1]))
-        n = len(grid.complete_runs(arm))
-        ax.plot(xs, mean, color=_COLORS.get(arm), label=f"{arm} ({n} seed{'s' * (n != 1)})")
+        n = len(runs)
+        ax.plot(xs, mean, color=_COLORS.get(arm), label=f"{arm} ({n} seed{'s' * (n != 1)})",
+                marker="." if len(xs) < 12 else None)  # fmt: skip
         if n > 1:
             ax.fill_between(xs, low, high, color=_COLORS.get(arm), alpha=0.2, linewidth=0)
-        drawn = True
+    if log_x:
+        ax.set_xscale("log")
+        # Labelled minor ticks on a short log range (0.03 s to 0.8 s) overprint each other.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(f"{_X_LABELS[x]}{' (log scale)' if log_x else ''}")
+    ax.grid(alpha=0.3)
+    return final_xs
+
+
+def plot_curves(grid: GridData, key: str = "val_error_pct", x: str = "epoch") -> bytes | None:
+    """``key`` (a metrics.csv column) against epochs, updates or wall-clock time, per arm.
+
+    Updates go on a log axis. Epochs and wall time get a linear axis, and beside it a log axis when
+    one arm runs more than 4× longer than another (regime adaptation stretches training ×B/B0):
+    on the linear axis the short arms are squeezed into a stub, on the log one the long arm is.
+    """
+    probe, axis = plt.subplots()
+    final_xs = _draw_curves(axis, grid, key, x, log_x=False)
+    plt.close(probe)
+    if not final_xs:
+        return None
+    stretched = min(final_xs) > 0 and max(final_xs) / min(final_xs) > 4
+    scales = [True] if x == "updates" else [False, True] if stretched else [False]
+    fig, axes = plt.subplots(1, len(scales), figsize=(7 * len(scales), 4.2), squeeze=False)
+    for ax, log_x in zip(axes[0], scales, strict=True):
+        _draw_curves(ax, grid, key, x, log_x)
+        ax.set_ylabel(_Y_LABELS.get(key, key))
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{_Y_LABELS.get(key, key)} vs {_X_LABELS[x]} (mean over seeds, min-max band)")
+    return _png(fig)
+
+
+_Y_LABELS = {"val_error_pct": "validation error %", "train_loss": "training loss",
+             "val_loss": "validation loss"}  # fmt: skip
+
+
+def plot_losses(grid: GridData) -> bytes | None:
+    """Training and validation loss against epochs per arm (log epochs when one arm is long)."""
+    curves = [(key, [_curve(grid.complete_runs(a), key, "epoch") for a in grid.arms])
+              for key in ("train_loss", "val_loss")]  # fmt: skip
+    if not any(c is not None for _, per_arm in curves for c in per_arm):
+        return None
+    final_xs = [float(c[0][-1]) for _, per_arm in curves for c in per_arm if c is not None]
+    log_x = min(final_xs) > 0 and max(final_xs) / min(final_xs) > 4
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, (key, _) in zip(axes, curves, strict=True):
+        _draw_curves(ax, grid, key, "epoch", log_x)
+        ax.set_title(_Y_LABELS[key])
+    axes[0].set_ylabel("loss (mean over seeds, min-max band)")
+    axes[0].legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_lr_schedules(grid: GridData) -> bytes | None:
+    """Each arm's learning rate against updates, as the run logged it (first complete seed)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for i, arm in enumerate(grid.arms):
+        runs = grid.complete_runs(arm)
+        if not runs:
+            continue
+        points = sorted({(r["updates"], r["lr"]) for r in runs[0].diffusion + runs[0].metrics
+                         if r.get("updates", 0) >= 1 and r.get("lr", 0) > 0})  # fmt: skip
+        if points:
+            u, lr = zip(*points, strict=True)
+            # A logged lr is the one the update at that count used: it holds back to the last point.
+            # Arms often share a schedule (LB+LR and LB+LR+GBN): later arms draw thinner on top.
+            ax.plot(u, lr, color=_COLORS.get(arm), drawstyle="steps-pre", label=arm,
+                    linewidth=3.5 - 0.6 * i)  # fmt: skip
+            drawn = True
+    if drawn:
+        ax.set_yscale("log")
+    return _finish_log_x(fig, ax, drawn, "updates (log scale)", "learning rate (log scale)",
+                         "Learning-rate schedule of each arm, as logged")  # fmt: skip
+
+
+def _finish_log_x(fig, ax, drawn: bool, xlabel: str, ylabel: str, title: str,
+                  legend_size: int = 8) -> bytes | None:  # fmt: skip
+    """A log x axis, labels, grid and legend, then the PNG; None (figure closed) if not drawn."""
     if not drawn:
         plt.close(fig)
         return None
-    # Regime adaptation stretches training (x32 epochs in the demo): on a linear axis the other
-    # arms would be squeezed into the first few percent, so epochs go on a log axis then too.
-    log_x = x == "updates" or (min(final_xs) > 0 and max(final_xs) / min(final_xs) > 4)
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(f"{'updates' if x == 'updates' else 'epochs'}{' (log scale)' if log_x else ''}")
-    ax.set_ylabel("validation error %")
-    ax.set_title(
-        f"Validation error vs {'updates' if x == 'updates' else 'epochs'} (mean, min-max band)"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_size)
     return _png(fig)
 
 
@@ -142,16 +220,13 @@ def plot_diffusion(grid: GridData, fits: dict[str, DiffusionFit]) -> bytes | Non
             )
             if math.isfinite(fit.end_update):
                 ax.axvline(fit.end_update, color=color, alpha=0.3, linestyle="--")
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xscale("log")
-    ax.set_xlabel("updates t (log scale); dashed: first update after the lr drop (fit range ends)")
-    ax.set_ylabel("||w_t − w_0||")
-    ax.set_title("Weight distance from initialisation (fits over the initial high-lr phase)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish_log_x(
+        fig, ax, drawn,
+        "updates t (log scale); dashed: first update after the lr drop (fit range ends)",
+        "||w_t − w_0||",
+        "Weight distance from initialisation (fits over the initial high-lr phase)",
+        legend_size=7,
+    )  # fmt: skip
 
 
 def _max_update(grid: GridData, arm: str) -> float:
@@ -168,44 +243,24 @@ def plot_generalization_gap(rows: list[ArmRow]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     x = np.arange(len(rows))
     width = 0.38
-    train = [r.train_error_mean for r in rows]
-    val = [r.val_error_mean for r in rows]
-    ax.bar(
-        x - width / 2,
-        train,
-        width,
-        yerr=[_nan0(r.train_error_std) for r in rows],
-        label="train error",
-        color="#aec7e8",
-        capsize=3,
-    )
-    ax.bar(
-        x + width / 2,
-        val,
-        width,
-        yerr=[_nan0(r.val_error_std) for r in rows],
-        label="validation error",
-        color="#1f77b4",
-        capsize=3,
-    )
+    tops = np.zeros(len(rows))
+    for offset, name, color, mean_key, std_key in (
+        (-width / 2, "train error", "#aec7e8", "train_error_mean", "train_error_std"),
+        (width / 2, "validation error", "#1f77b4", "val_error_mean", "val_error_std"),
+    ):
+        means = np.array([getattr(r, mean_key) for r in rows])
+        stds = np.array([nan0(getattr(r, std_key)) for r in rows])
+        ax.bar(x + offset, means, width, yerr=stds, label=name, color=color, capsize=3)
+        tops = np.fmax(tops, means + stds)
     for i, r in enumerate(rows):
-        if not math.isnan(r.gap_mean):
-            ax.annotate(
-                f"gap {r.gap_mean:.1f}",
-                (x[i], max(train[i], val[i])),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-                xytext=(0, 4),
-                textcoords="offset points",
-            )
+        if not math.isnan(r.gap_mean):  # above the higher error bar, so the two never overlap
+            ax.annotate(f"gap {r.gap_mean:.1f}", (x[i], tops[i]), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 3), textcoords="offset points")  # fmt: skip
+    # Headroom above the highest label for the legend, so neither covers a bar or a label.
+    ax.set_ylim(0, float(np.nanmax(tops)) * 1.3 if np.nanmax(tops) > 0 else 1)
     ax.set_xticks(x, [r.arm for r in rows], fontsize=8)
     ax.set_ylabel("error % (final, mean ± std over seeds)")
     ax.set_title("Training vs validation error per arm (generalization gap)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
     return _png(fig)
-
-
-def _nan0(value: float) -> float:
-    return 0.0 if math.isnan(value) else value

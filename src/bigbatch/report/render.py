@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigbatch.fileio import atomic_write_bytes
-from bigbatch.report.tables import (
-    GridData,
+from bigbatch.report.diffusion import diffusion_fit
+from bigbatch.report.grid import GridData, load_grid
+from bigbatch.report.prose import description, narrative, preset_evidence, title
+from bigbatch.report.stats import (
+    ArmRow,
     arm_rows,
-    diffusion_fit,
-    load_grid,
+    arm_settings,
     markdown_table,
-    narrative,
+    settings_cells,
     table_cells,
 )
 
@@ -217,56 +219,24 @@ def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
         if arm in grid.arms
         if (fit := diffusion_fit(grid, arm)) is not None
     }
-    name = grid.preset.get("name", grid.path.name)
-    doc = _Doc(f"bigbatch reproduction: {name}")
-    if grid.preset.get("description"):
-        doc.paragraph(str(grid.preset["description"]))
+    settings = arm_settings(grid)
+    doc = _Doc(title(grid))
+    doc.paragraph(description(grid, settings))
+    evidence, is_note = preset_evidence(grid)
+    if evidence:
+        doc.paragraph(evidence, note=is_note)
 
     doc.heading("Results")
-    header, cells = table_cells(rows)
-    doc.table(header, cells)
-    doc.paragraph(
-        "Validation error: final evaluation of each run, mean ± sample standard deviation over "
-        "seeds "
-        "(complete runs only). Wall time and samples/s are means per run."
-        + (
-            " Paper accuracy: the published Table 1 number (validation accuracy %)."
-            if grid.paper
-            else ""
-        )
-    )
+    doc.table(*table_cells(rows))
+    doc.paragraph(_RESULTS_NOTE + (_PAPER_NOTE if grid.paper else ""))
+    doc.heading("What each arm changes")
+    doc.table(*settings_cells(settings))
+    doc.paragraph(_SETTINGS_NOTE)
     for text in narrative(grid, rows, fits):
         doc.paragraph(text, note=text.startswith("This grid is incomplete"))
 
     doc.heading("Figures")
-    from bigbatch.report import plots
-
-    figures = [
-        (
-            "val_error_epochs.png",
-            plots.plot_error_curves(grid, "epoch"),
-            "Validation error vs epochs per arm (line: mean over seeds; band: min to max).",
-        ),
-        (
-            "val_error_updates.png",
-            plots.plot_error_curves(grid, "updates"),
-            "Validation error vs updates (log scale) per arm (line: mean; band: min to max).",
-        ),
-        (
-            "weight_distance.png",
-            plots.plot_diffusion(grid, fits),
-            "||w_t − w_0|| vs updates for SB and LB, with a + b·ln t (solid) and a + b·√t (dotted) "
-            "fitted over the updates before the first lr drop.",
-        ),
-        (
-            "generalization_gap.png",
-            plots.plot_generalization_gap(rows),
-            "Final training vs validation error per arm (mean ± std over seeds). The training "
-            "error is the engine's running average over the last evaluation interval, in training "
-            "mode (dropout, batch statistics), so it can exceed the validation error.",
-        ),
-    ]
-    for file_name, png, caption in figures:
+    for file_name, png, caption in _figures(grid, rows, fits):
         if png is None:
             doc.paragraph(f"({file_name}: no data yet.)", note=True)
             continue
@@ -282,11 +252,50 @@ def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
         )
     doc.heading("Evidence")
     doc.items(_evidence(grid))
-    evidence = grid.preset.get("evidence")
-    text = evidence.get("text") if isinstance(evidence, dict) else evidence
-    if text:
-        doc.paragraph(f"Preset evidence: {' '.join(str(text).split())}")
-
     md_path = atomic_write(grid.path / "report.md", doc.markdown())
     html_path = atomic_write(grid.path / "report.html", doc.html())
     return md_path, html_path
+
+
+_RESULTS_NOTE = (
+    "Validation error: final evaluation of each run, mean ± sample standard deviation over seeds "
+    "(complete runs only). Wall time: each run's wall-clock time, evaluation and checkpoints "
+    "included, mean per run. Train samples/s: training samples per second of training time "
+    "(each update timed with the loading of its batch; evaluation and checkpoints excluded), "
+    "from metrics.csv, mean per run."
+)
+_PAPER_NOTE = " Paper accuracy: the published Table 1 number (validation accuracy %)."
+_SETTINGS_NOTE = (
+    "Settings from grid.toml, resolved as the engine resolves them (lr after the arm's scaling "
+    "rule; epochs, lr drops and warm-up after regime adaptation); updates and samples as the "
+    "runs counted them (mean over complete runs)."
+)
+
+
+def _figures(grid: GridData, rows: list[ArmRow], fits: dict) -> list[tuple[str, bytes | None, str]]:
+    """(file name, PNG bytes or None, caption) of every figure, in the report's order."""
+    from bigbatch.report import plots
+
+    band = "line: mean over seeds; band: min to max"
+    return [
+        ("val_error_epochs.png", plots.plot_curves(grid, "val_error_pct", "epoch"),
+         f"Validation error vs epochs per arm ({band}); beside the linear axis a log axis when "
+         "one arm trains much longer, so neither the short nor the long arms are squeezed."),
+        ("val_error_time.png", plots.plot_curves(grid, "val_error_pct", "wall_time_s"),
+         f"Validation error vs wall-clock time of the run, evaluation included ({band})."),
+        ("val_error_updates.png", plots.plot_curves(grid, "val_error_pct", "updates"),
+         f"Validation error vs updates (log scale) per arm ({band})."),
+        ("losses.png", plots.plot_losses(grid),
+         f"Training loss (running mean over each evaluation interval, in training mode) and "
+         f"validation loss vs epochs ({band})."),
+        ("lr_schedule.png", plots.plot_lr_schedules(grid),
+         "Learning rate of each arm vs updates, as logged in metrics.csv and diffusion.csv "
+         "(first complete seed)."),
+        ("weight_distance.png", plots.plot_diffusion(grid, fits),
+         "||w_t − w_0|| vs updates for SB and LB, with a + b·ln t (solid) and a + b·√t (dotted) "
+         "fitted over the updates before the first lr drop."),
+        ("generalization_gap.png", plots.plot_generalization_gap(rows),
+         "Final training vs validation error per arm (mean ± std over seeds). The training "
+         "error is the engine's running average over the last evaluation interval, in training "
+         "mode (dropout, batch statistics), so it can exceed the validation error."),
+    ]  # fmt: skip

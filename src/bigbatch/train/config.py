@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError
-from bigbatch.train.keys import Key, check, copy_plain, drop_none, key, read_table_file
+from bigbatch.fileio import drop_none
+from bigbatch.train.keys import Key, check, copy_plain, key, read_table_file
 
 __all__ = [
     "RESOLVED_KEY",

@@ -26,7 +26,7 @@ from typing import Any
 
 from bigbatch.errors import ConfigError
 
-__all__ = ["KINDS", "Key", "check", "copy_plain", "drop_none", "key"]
+__all__ = ["KINDS", "Key", "check", "copy_plain", "key", "read_table_file"]
 
 # str: any non-empty string; path: a non-empty path string; table: a table of keyword options;
 # factor: true/false or a number > 0; regime: a regime table or the path of a regime file.
@@ -216,18 +216,4 @@ def copy_plain(v: Any) -> Any:
         return {k: copy_plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [copy_plain(x) for x in v]
-    return v
-
-
-def drop_none(v: Any) -> Any:
-    """Plain data without its ``None`` values (TOML has no null), recursively.
-
-    Example:
-        >>> drop_none({"a": 1, "b": None, "c": [{"d": None}]})
-        {'a': 1, 'c': [{}]}
-    """
-    if isinstance(v, Mapping):
-        return {k: drop_none(x) for k, x in v.items() if x is not None}
-    if isinstance(v, (list, tuple)):
-        return [drop_none(x) for x in v]
     return v
