@@ -32,7 +32,8 @@ import torch.multiprocessing as mp
 
 from bigbatch import distributed, models
 from bigbatch.layers import convert_ghost_batchnorm
-from bigbatch.train.loop import forward_backward
+from bigbatch.train.build import check_ghost_alignment, shard_batch_size
+from bigbatch.train.step import forward_backward
 
 
 def _sync(device: torch.device) -> None:
@@ -55,8 +56,8 @@ def _build(model_name: str, options: dict, ghost: int | None, ctx, shape) -> tor
 
 def time_steps(ctx, model_name, options, shape, *, batch_size, ghost, micro, repeats, bf16):
     """(median seconds per update over processes' slowest, the trained model), after 3 warm-ups."""
-    per_rank = distributed.shard_batch_size(batch_size, ctx.world_size)
-    distributed.check_ghost_alignment(per_rank, ghost)
+    per_rank = shard_batch_size(batch_size, ctx.world_size)
+    check_ghost_alignment(per_rank, ghost)
     model = _build(model_name, options, ghost, ctx, shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     g = torch.Generator().manual_seed(ctx.rank)

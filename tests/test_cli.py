@@ -133,3 +133,53 @@ def test_end_to_end_on_a_slice_of_fashion_mnist(tmp_path, capsys):
     torch.load(out / "checkpoints" / "best.pt", weights_only=True)
     written = (out / "config.toml").read_text()
     assert "lr_scaling = \"sqrt\"" in written and "[resolved.effective_regime]" in written
+
+
+def test_every_config_key_is_a_train_flag_of_the_same_name():
+    import argparse
+
+    from bigbatch.cli import build_parser
+    from bigbatch.train.config import config_keys
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {opt: a.dest for a in sub.choices["train"]._actions for opt in a.option_strings}
+    for name in config_keys():
+        assert flags.get("--" + name.replace("_", "-")) == name, name
+
+
+def test_flags_parse_to_the_config_values(tmp_path):
+    from bigbatch.cli import build_parser
+    from bigbatch.flags import key_values
+    from bigbatch.train.config import config_keys
+
+    args = build_parser().parse_args([
+        "train", "--clip", "5", "--eval-every", "7", "--out", str(tmp_path), "--amp", "none",
+        "--channels-last", "false", "--regime-adaptation", "2", "--model-option", "hidden=8",
+        "--regime", "{epochs = 2, phases = [{epoch = 0, lr = 0.1}]}"])
+    values = key_values(args, config_keys())
+    assert values == {"clip": 5.0, "eval_every": 7, "out": str(tmp_path), "channels_last": False,
+                      "amp": "none",
+                      "regime_adaptation": 2.0, "model_options": {"hidden": 8},
+                      "regime": {"epochs": 2, "phases": [{"epoch": 0, "lr": 0.1}]}}
+    for argv, expected in ((["--regime-adaptation"], True), (["--no-regime-adaptation"], False),
+                           (["--regime-adaptation-factor", "3"], 3.0)):  # the last: deprecated
+        args = build_parser().parse_args(["train", *argv])
+        assert key_values(args, ["regime_adaptation"]) == {"regime_adaptation": expected}
+
+
+def test_out_in_a_config_file_is_the_run_directory(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'dataset = "synthetic"\nout = "{tmp_path / "from-file"}"\nepochs = 1\n'
+                      'batch_size = 512\nprogress = "none"\ndevice = "cpu"\n'
+                      '[model_options]\nhidden = 16\ndepth = 2\n')
+    assert main(["train", "--config", str(config)]) == 0
+    assert (tmp_path / "from-file" / "summary.json").is_file()
+
+
+def test_regime_counts_the_datasets_own_training_size(capsys):
+    from bigbatch import data
+
+    assert main(["regime", "--model", "f1", "--batch-size", "4096"]) == 0
+    expected = data.DATASETS["fashion-mnist"].num_train
+    assert f"({expected} training samples)" in capsys.readouterr().out
+    assert expected == 60000

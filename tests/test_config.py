@@ -46,7 +46,7 @@ def test_unknown_key_suggests_the_close_one():
         ("regime_adaptation", -2.0, "a factor > 0"),
         ("warmup_epochs", -1, "a number >= 0"),
         ("epochs", 0, "a number > 0 or none"),
-        ("clip_grad_norm", math.nan, "a number > 0 or none"),
+        ("clip", math.nan, "a number > 0 or none"),
         ("on_nonfinite", "ignore", "one of 'stop', 'skip'"),
         ("amp", "fp8", "one of none, 'bf16'"),
         ("progress", "loud", "one of 'auto'"),
@@ -176,3 +176,61 @@ def test_resolve_regime_factor_and_warmup():
     _, effective = resolve_regime(cfg, dataset_size=2048)
     assert effective.epochs == 12 and effective.warmup_epochs == 1.0
     assert effective.settings_at(0.0)["lr"] < effective.settings_at(1.0)["lr"] == pytest.approx(0.8)
+
+
+# -- keys equal the flags, one declaration per key ------------------------------------------------
+def test_every_key_is_declared_once_with_its_kind_and_help():
+    from bigbatch.train.config import config_keys
+
+    keys = config_keys()
+    assert list(keys) == [f.name for f in __import__("dataclasses").fields(RunConfig)]
+    for name, spec in keys.items():
+        assert spec.help and spec.kind, name
+        assert f"{name}: {spec.help}" in RunConfig.__doc__  # the docstring is built from them
+
+
+def test_resume_free_keys_come_from_the_declarations():
+    from bigbatch.train.config import RESUME_FREE_KEYS
+    from bigbatch.train.rundir import RESUME_FREE_KEYS as seen_by_rundir
+
+    assert seen_by_rundir is RESUME_FREE_KEYS
+    assert {"device", "progress", "out", "eval_batch_size"} <= RESUME_FREE_KEYS
+    assert not {"batch_size", "seed", "clip", "regime", "ghost_batch_size"} & RESUME_FREE_KEYS
+
+
+def test_a_config_file_takes_the_flags_names(tmp_path):
+    (tmp_path / "regimes").mkdir()
+    (tmp_path / "regimes" / "short.toml").write_text(
+        "epochs = 4\n[[phases]]\nepoch = 0\nlr = 0.1\n[[phases]]\nepoch = 2\nlr = 0.01\n")
+    path = tmp_path / "run.toml"
+    path.write_text('dataset = "synthetic"\nout = "runs/x"\nclip = 5\neval_every = 10\n'
+                    'regime_adaptation = 2.0\nregime = "regimes/short.toml"\n')
+    cfg = load_config(path)  # the regime file is found relative to the config file
+    assert (cfg.out, cfg.clip, cfg.eval_every, cfg.regime_adaptation) == ("runs/x", 5.0, 10, 2.0)
+    assert cfg.regime == SMALL_REGIME | {"phases": [{"epoch": 0, "lr": 0.1},
+                                                    {"epoch": 2, "lr": 0.01}]}
+
+
+def test_old_key_names_are_read_with_a_deprecation_line(caplog):
+    with caplog.at_level("WARNING", logger="bigbatch"):
+        cfg = RunConfig.from_dict({"dataset": "synthetic", "clip_grad_norm": 5.0,
+                                   "eval_every_updates": 3})
+    assert cfg.clip == 5.0 and cfg.eval_every == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert ("config key 'clip_grad_norm' is deprecated (read this time); rename it 'clip'"
+            in messages)
+    assert any("'eval_every_updates' is deprecated" in m for m in messages)
+    with pytest.raises(ConfigError, match="both 'clip_grad_norm' and 'clip' are set"):
+        RunConfig.from_dict({"clip_grad_norm": 5.0, "clip": 1.0})
+    caplog.clear()
+    RunConfig.from_dict({"clip": 5.0})  # the new name: no message
+    assert not caplog.records
+
+
+def test_the_readme_lists_every_key():
+    from pathlib import Path
+
+    from bigbatch.train.config import config_keys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert [k for k in config_keys() if f"`{k}`" not in readme] == []

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 from datafiles import write_image_folder
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from bigbatch.data import DATASETS, FolderLoader, InMemoryLoader, build_loaders, load_split
 from bigbatch.data.folder import scan_folder
-from bigbatch.data.pipeline import apply_crop_flip
+from bigbatch.data.pipeline import apply_crop_flip, shard_bounds
 from bigbatch.data.registry import split_indices
 from bigbatch.errors import ConfigError, DataError
 
@@ -290,3 +292,26 @@ def test_read_only_reader_arrays_load_without_warning():
     loader = InMemoryLoader(raw, labels, batch_size=2, mean=(0.0,), std=(1.0,))
     (x, y), *_ = loader.iterate(0)
     assert x.shape == (2, 1, 8, 8) and y.dtype == torch.int64
+
+
+@given(st.integers(1, 200), st.integers(1, 9))
+def test_shard_bounds_partition_a_batch_in_rank_order(n, world_size):
+    # The one sharding formula (training batches, evaluation batches, the set-up checks).
+    bounds = [shard_bounds(n, (r, world_size)) for r in range(world_size)]
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(n))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1
+    assert shard_bounds(n, None) == (0, n)
+
+
+def test_batch_size_at_is_the_global_batch_of_each_step():
+    x = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    loader = InMemoryLoader(x, torch.arange(10), batch_size=3, mean=(0.0,), std=(1.0,))
+    # 10 = 3 + 3 + 3 + 1: the last sample is dropped, as batch_indices does
+    assert [loader.batch_size_at(k) for k in range(len(loader))] == [
+        b.numel() for b in loader.batch_indices(0)] == [3, 3, 3]
+    # under DDP each process sees its slice (1 and 2 of 3 samples); the mean divides by 3
+    assert [len(y) for _, y in loader.iterate(0, shard=(0, 2))] == [1, 1, 1]
+    assert [len(y) for _, y in loader.iterate(0, shard=(1, 2))] == [2, 2, 2]
+    with pytest.raises(ValueError, match=r"step must be in \[0, 3\)"):
+        loader.batch_size_at(3)

@@ -14,14 +14,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given
-from hypothesis import strategies as st
 from procs import free_port, spawn_and_wait
 from torch import nn
 
 from bigbatch import distributed
 from bigbatch.distributed import DistContext
 from bigbatch.errors import ConfigError
+from bigbatch.train.build import shard_batch_size
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16  # 8 samples per rank
@@ -81,7 +80,7 @@ def _train(model, batches, ctx, micro_batches=1, on_first_micro=None):
             last = i == len(chunks) - 1
             with distributed.no_sync_context(model, last):
                 loss = nn.functional.cross_entropy(model(xm), ym, reduction="sum")
-                (loss * distributed.loss_scale(GLOBAL_BATCH, ctx)).backward()
+                (loss * (ctx.world_size / GLOBAL_BATCH)).backward()  # DDP averages
             if i == 0 and on_first_micro is not None:
                 on_first_micro(model)
         opt.step()
@@ -90,7 +89,7 @@ def _train(model, batches, ctx, micro_batches=1, on_first_micro=None):
 
 
 def _my_shard(batches, ctx):
-    size = distributed.shard_batch_size(GLOBAL_BATCH, ctx.world_size)
+    size = shard_batch_size(GLOBAL_BATCH, ctx.world_size)
     return [(x[ctx.rank * size:(ctx.rank + 1) * size], y[ctx.rank * size:(ctx.rank + 1) * size])
             for x, y in batches]
 
@@ -118,7 +117,7 @@ def _save(out_dir: str, name: str, rank: int, obj) -> None:
 def _run_scenarios(ctx: DistContext, out_dir: str) -> None:
     info = {"rank": ctx.rank, "local_rank": ctx.local_rank, "world_size": ctx.world_size,
             "backend": ctx.backend, "device": str(ctx.device), "enabled": ctx.enabled,
-            "is_main": distributed.is_main(ctx), "initialized": dist.is_initialized()}
+            "is_main": ctx.is_main, "initialized": dist.is_initialized()}
     batches = _my_shard(_global_batches(), ctx)
 
     # DDP training, one pass per update, for each normalisation that exists.
@@ -168,7 +167,6 @@ def _run_scenarios(ctx: DistContext, out_dir: str) -> None:
         floats_sum=distributed.all_reduce_sum([0.5, 1.0 * ctx.rank], ctx),
         float_sum=distributed.all_reduce_sum(2.5, ctx),
         broadcast=distributed.broadcast_object({"from": ctx.rank}, ctx),
-        shard=[distributed.shard_range(5, ctx).start, distributed.shard_range(5, ctx).stop],
     )
     distributed.barrier(ctx)
     with open(os.path.join(out_dir, f"info_rank{ctx.rank}.json"), "w") as f:
@@ -218,12 +216,11 @@ def test_setup_outside_torchrun_is_disabled_and_initialises_nothing(no_torchrun)
     ctx = distributed.setup("cpu")
     assert ctx == DistContext(device=torch.device("cpu"))
     assert (ctx.enabled, ctx.rank, ctx.world_size, ctx.backend) == (False, 0, 1, None)
-    assert ctx.is_main and distributed.is_main(ctx)
+    assert ctx.is_main
     assert not dist.is_initialized()
     model = nn.Linear(2, 2)
     assert distributed.wrap_model(model, ctx) is model
     assert distributed.unwrap(model) is model
-    assert distributed.shard_range(7, ctx) == slice(0, 7)
     metrics = {"correct": 3, "loss": 1.5}
     assert distributed.reduce_metrics(metrics, ctx) == metrics
     assert distributed.broadcast_object([1, 2], ctx) == [1, 2]
@@ -251,60 +248,6 @@ def test_setup_with_partial_torchrun_environment(no_torchrun, monkeypatch):
 def test_setup_cuda_without_cuda(no_torchrun):
     with pytest.raises(ConfigError, match="CUDA is not available; use --device cpu"):
         distributed.setup("cuda")
-
-
-@pytest.mark.parametrize(
-    ("batch_size", "world_size", "message"),
-    [
-        (1000, 3, r"batch_size=1000 .* processes \(3\); use --batch-size 999 or 1002, or launch"),
-        (4096, 6, r"use --batch-size 4092 or 4098"),
-        (3, 4, r"use --batch-size 4, or launch a number of processes that divides 3"),
-        (0, 2, r"must be positive"),
-    ],
-)
-def test_shard_batch_size_errors(batch_size, world_size, message):
-    with pytest.raises(ConfigError, match=message):
-        distributed.shard_batch_size(batch_size, world_size)
-
-
-def test_shard_batch_size():
-    assert distributed.shard_batch_size(4096, 8) == 512
-    assert distributed.shard_batch_size(128, 1) == 128
-
-
-@pytest.mark.parametrize(
-    ("per_rank", "ghost", "message"),
-    [
-        (1000, 128, r"ghost_batch_size=128 does not divide the per-process batch of 1000 .* "
-                    r"--ghost-batch-size 125 or 200, or a global batch that is a multiple of 128"),
-        (96, 64, r"--ghost-batch-size 48 or 96"),
-        (8, 16, r"ghost_batch_size=16 does not divide .* of 8 samples"),
-    ],
-)
-def test_check_ghost_alignment_errors(per_rank, ghost, message):
-    with pytest.raises(ConfigError, match=message):
-        distributed.check_ghost_alignment(per_rank, ghost)
-    distributed.check_ghost_alignment(per_rank, ghost, exact=False)  # accepted when not exact
-
-
-@pytest.mark.parametrize(("per_rank", "ghost"), [(512, 128), (128, 128), (96, 32), (7, None)])
-def test_check_ghost_alignment_accepts(per_rank, ghost):
-    distributed.check_ghost_alignment(per_rank, ghost)
-
-
-@given(st.integers(0, 200), st.integers(1, 9))
-def test_shard_range_partitions_in_rank_order(n, world_size):
-    slices = [distributed.shard_range(n, DistContext(rank=r, world_size=world_size))
-              for r in range(world_size)]
-    assert [i for s in slices for i in range(n)[s]] == list(range(n))
-    sizes = [len(t) for t in torch.arange(n).tensor_split(world_size)]
-    assert [s.stop - s.start for s in slices] == sizes
-
-
-def test_loss_scale_makes_the_global_mean():
-    ctx = DistContext(rank=1, world_size=4)
-    # 4 ranks of 32 summed losses each: the DDP average of loss_sum * scale is the mean over 128.
-    assert distributed.loss_scale(128, ctx) * 32 == pytest.approx(1.0)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -380,4 +323,3 @@ def test_collectives_for_sharded_evaluation(dist_results):
         assert info["floats_sum"] == [1.0, 1.0]
         assert info["float_sum"] == 5.0
         assert info["broadcast"] == {"from": 0}
-    assert [info["shard"] for info in infos] == [[0, 3], [3, 5]]

@@ -25,7 +25,7 @@ from torch import nn
 
 from bigbatch import models
 from bigbatch.models.registry import step_regime
-from bigbatch.train import RunConfig, loop, train
+from bigbatch.train import RunConfig, rundir, train
 from bigbatch.train.checkpoint import load_checkpoint, save_checkpoint
 from bigbatch.train.metrics import read_rows
 
@@ -35,7 +35,7 @@ WORLD_SIZE = 2
 MODEL = "mlp_dropout_test"
 CONFIG = {
     "model": MODEL, "dataset": "synthetic", "batch_size": 32, "ghost_batch_size": 8,
-    "epochs": 2, "eval_every_updates": 32, "device": "cpu", "seed": 3, "progress": "none",
+    "epochs": 2, "eval_every": 32, "device": "cpu", "seed": 3, "progress": "none",
 }  # fmt: skip
 TIMING_KEYS = {"wall_time_s", "samples_per_s"}
 
@@ -76,13 +76,13 @@ def _worker(rank: int, port: int, out_dir: str, job: str) -> None:
         train(RunConfig(**CONFIG), run_dir)
         (Path(out_dir) / f"mask{rank}.json").write_text(json.dumps(masks[0]))
     elif job == "stop_after_first_checkpoint":
-        save = loop._Run._save
+        save = rundir.save
 
-        def save_then_stop(self, *, best):
-            save(self, best=best)
+        def save_then_stop(*args, **kwargs):
+            save(*args, **kwargs)
             raise _Stop  # on every process at the same update, like a job killed there
 
-        loop._Run._save = save_then_stop
+        rundir.save = save_then_stop
         with pytest.raises(_Stop):  # train() tears the process group down on the way out
             train(RunConfig(**CONFIG), run_dir)
     else:  # "resume"

@@ -65,7 +65,7 @@ def _ghost_bn_torch_ops():
 
 CONFIG = {
     "model": "f1", "model_options": {"hidden": 16}, "dataset": "synthetic", "batch_size": 32,
-    "ghost_batch_size": 8, "epochs": 3, "eval_every_updates": 32, "device": "cpu", "seed": 0,
+    "ghost_batch_size": 8, "epochs": 3, "eval_every": 32, "device": "cpu", "seed": 0,
     "progress": "none",
 }
 CLI_ARGS = ["--model", "f1", "--model-option", "hidden=16", "--dataset", "synthetic",
@@ -344,14 +344,14 @@ def test_cli_errors_under_ddp(fake_world, tmp_path, capsys, world_size, args, me
 
 
 def test_inexact_ghost_alignment_can_be_allowed(fake_world, tmp_path, monkeypatch):
-    from bigbatch.train import loop
+    from bigbatch.train import rundir
 
     fake_world(2)
 
-    def reached(self, *args):
+    def reached(*args, **kwargs):
         raise RuntimeError("past the alignment check")
 
-    monkeypatch.setattr(loop._Run, "_prepare_run_dir", reached)
+    monkeypatch.setattr(rundir, "prepare_run_dir", reached)
     config = RunConfig(**{**CONFIG, "ghost_batch_size": 12, "exact_ghost_alignment": False})
     with pytest.raises(RuntimeError, match="past the alignment check"):
         train(config, tmp_path / "run")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bigbatch import models
+from bigbatch.data import DATASETS
 from bigbatch.errors import ConfigError
 from bigbatch.models import registry
 
@@ -76,7 +77,7 @@ def test_registered_model_forward_backward(name):
 def test_spec_is_complete_and_regime_well_formed(name):
     spec = models.get_spec(name)
     assert spec.name == name and spec.description and spec.default_batch_size == 128
-    assert spec.default_dataset in registry._FALLBACK_SHAPES
+    assert spec.default_dataset in DATASETS
     regime = spec.default_regime
     assert set(regime) >= {"optimizer", "epochs", "schedule", "warmup_epochs", "phases"}
     starts = [phase["epoch"] for phase in regime["phases"]]
@@ -264,16 +265,11 @@ def test_shape_defaults_follow_the_default_dataset():
     assert models.create("alexnet", num_classes=7).classifier[-1].out_features == 7
 
 
-def test_fallback_dataset_shapes_agree_with_the_data_package():
-    data = pytest.importorskip("bigbatch.data")
-    datasets = getattr(data, "DATASETS", None)
-    if datasets is None:
-        pytest.skip("bigbatch.data.DATASETS not built yet")
-    for name, (num_classes, in_channels, size) in registry._FALLBACK_SHAPES.items():
-        info = datasets[name]
-        image_size = info.image_size
-        image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-        assert (info.num_classes, info.in_channels, image_size) == (num_classes, in_channels, size)
+def test_dataset_shapes_come_from_the_data_package():
+    for name, info in DATASETS.items():
+        assert registry.dataset_shape(name) == (info.num_classes, *info.input_shape[:2])
+    with pytest.raises(ConfigError, match="unknown dataset 'mnist2'"):
+        registry.dataset_shape("mnist2")
 
 
 def test_register_rejects_bad_builders():

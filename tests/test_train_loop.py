@@ -1,4 +1,4 @@
-"""The training loop: ghost conversion, micro-batch accumulation, clipping, outputs, divergence."""
+"""The training loop: micro-batch accumulation, clipping, outputs, divergence."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 from bigbatch import data
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.layers import GhostBatchNorm1d
 from bigbatch.train import RunConfig, forward_backward, load_checkpoint, train
-from bigbatch.train.loop import _grad_norm, build_model
+from bigbatch.train.build import build_model
 from bigbatch.train.metrics import read_rows
+from bigbatch.train.step import grad_norm
 
 TINY = {"hidden": 16, "depth": 2}
 REGIME = {"epochs": 2, "phases": [{"epoch": 0, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
@@ -23,15 +23,6 @@ def _config(**changes) -> RunConfig:
     base = dict(model="f1", model_options=TINY, dataset="synthetic", batch_size=256,
                 regime=REGIME, progress="none", device="cpu")
     return RunConfig(**{**base, **changes})
-
-
-def test_engine_converts_batchnorm_to_ghost_batchnorm():
-    info = data.DATASETS["synthetic"]
-    model = build_model(_config(ghost_batch_size=64), info)
-    ghosts = [m for m in model.modules() if isinstance(m, GhostBatchNorm1d)]
-    assert ghosts and all(m.ghost_batch_size == 64 for m in ghosts)
-    plain = build_model(_config(), info)
-    assert not any(isinstance(m, GhostBatchNorm1d) for m in plain.modules())
 
 
 def _sgd_updates(ghost: int | None, micro: int | None, lr: float = 0.1, steps: int = 3):
@@ -73,15 +64,15 @@ def test_clipping_bounds_the_gradient_norm():
     model = torch.nn.Linear(10, 10)
     (model(torch.randn(8, 10)) * 100).sum().backward()
     params = list(model.parameters())
-    before = _grad_norm(params, None)
+    before = grad_norm(params, None)
     assert before > 1.0
-    returned = _grad_norm(params, 1.0)
+    returned = grad_norm(params, 1.0)
     assert returned == pytest.approx(before.item(), rel=1e-6)  # the norm before clipping
-    assert _grad_norm(params, None) <= 1.0 + 1e-5
+    assert grad_norm(params, None) <= 1.0 + 1e-5
 
 
 def test_a_run_writes_every_output(tmp_path):
-    summary = train(_config(ghost_batch_size=64, eval_every_updates=5), tmp_path)
+    summary = train(_config(ghost_batch_size=64, eval_every=5), tmp_path)
     assert summary["status"] == "complete" and summary["updates"] == 16  # 2 epochs x 8
     for name in ("config.toml", "metrics.csv", "metrics.jsonl", "diffusion.csv", "diffusion.jsonl",
                  "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
@@ -145,7 +136,7 @@ def test_divergence_skip_counts_skipped_steps(tmp_path, caplog):
 
 
 def test_warmup_and_lr_scaling_reach_the_optimizer(tmp_path):
-    cfg = _config(batch_size=512, lr_scaling="linear", warmup_epochs=1.0, eval_every_updates=1)
+    cfg = _config(batch_size=512, lr_scaling="linear", warmup_epochs=1.0, eval_every=1)
     train(cfg, tmp_path)
     lrs = [r["lr"] for r in read_rows(tmp_path / "metrics.csv")]
     # 4 updates per epoch; lr applied at epoch 0, .25, .5, .75 ramps from 0.1 to 0.4 (x4 linear)

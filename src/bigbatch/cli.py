@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import BigBatchError, ConfigError
-from bigbatch.fileio import tomllib
+from bigbatch.fileio import remove_stale_temp_files
+from bigbatch.flags import add_key_flags, key_values
 
 __all__ = ["build_parser", "main"]
 
@@ -49,57 +50,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34, width=100)
 
 
-def _default(key: str) -> str:
-    """``(default: X)`` text from RunConfig, the single source of defaults."""
-    import dataclasses
-
-    from bigbatch.train.config import RunConfig
-
-    field = {f.name: f for f in dataclasses.fields(RunConfig)}[key]
-    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    shown = {None: "none", True: "on", False: "off"}.get(value, value) if not isinstance(
-        value, (int, float)) or isinstance(value, bool) else value
-    return f"(default: {shown})"
-
-
-def _model_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as a TOML value (``32``, ``0.5``, ``true``, ``"x"``)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
 # -- parser ---------------------------------------------------------------------------------------
-def _add_regime_flags(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--base-batch-size", type=int, metavar="B0",
-                       help=f"batch size the regime was tuned for {_default('base_batch_size')}")
-    group.add_argument("--lr-scaling", choices=["none", "sqrt", "linear"],
-                       help="scale every lr by (B/B0)**0.5 (sqrt, the paper) or B/B0 "
-                            f"{_default('lr_scaling')}")
-    group.add_argument("--regime-adaptation", action=argparse.BooleanOptionalAction,
-                       help="train B/B0 times more epochs, every milestone stretched (+RA) "
-                            f"{_default('regime_adaptation')}")
-    group.add_argument("--regime-adaptation-factor", type=float, metavar="F",
-                       help="stretch epochs and milestones by F instead of B/B0")
-    group.add_argument("--warmup-epochs", type=float, metavar="E",
-                       help="linear lr warm-up from the base lr over E epochs "
-                            f"{_default('warmup_epochs')}")
-    group.add_argument("--epochs", type=float, metavar="E",
-                       help="rescale the base regime to E epochs (milestones move proportionally; "
-                            "default: the regime's own)")
-    group.add_argument("--regime", type=Path, metavar="FILE",
-                       help="regime TOML/YAML file (default: the model's regime)")
-
-
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from bigbatch.train.config import config_keys
+
     p = sub.add_parser(
         "train", help="train one model (one run directory)", formatter_class=_HelpFormatter,
-        description="Train one model with large-batch recipes; writes a run directory.",
+        description="Train one model with large-batch recipes; writes a run directory. Every "
+                    "flag --some-key is the config-file key some_key.",
         epilog=_TRAIN_EPILOG,
     )
     g = p.add_argument_group("configuration")
@@ -108,81 +66,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (uses its "
                         "config.toml)")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help=f"registered model, see `bigbatch models` {_default('model')}")
-    g.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE",
-                   dest="model_options", help="model builder option, e.g. hidden=64 (repeatable)")
-    g.add_argument("--dataset", help=f"dataset name {_default('dataset')}")
-    g.add_argument("--data-dir", metavar="DIR",
-                   help="dataset directory (default: the dataset's own)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction,
-                   help=f"download the dataset if missing {_default('download')}")
-    g.add_argument("--train-subset", type=int, metavar="N",
-                   help="train on a fixed subset of N samples (the same for every seed)")
-    g.add_argument("--held-out", type=int, metavar="N",
-                   help="validate on N held-out training samples instead of the test set")
-    g = p.add_argument_group("batch")
-    g.add_argument("--batch-size", type=int, metavar="B",
-                   help=f"global batch size (samples per update) {_default('batch_size')}")
-    g.add_argument("--ghost-batch-size", type=int, metavar="G",
-                   help="ghost batch norm with G samples per ghost batch (+GBN; default: plain BN)")
-    g.add_argument("--micro-batch-size", type=int, metavar="M",
-                   help="forward/backward M samples at a time, accumulating gradients "
-                        "(memory only; a multiple of G)")
-    g = p.add_argument_group("regime (learning rate, epochs)")
-    _add_regime_flags(g)
-    g.add_argument("--clip", type=float, metavar="NORM", dest="clip_grad_norm",
-                   help="clip the gradient norm at NORM each update (the paper's code: 5; "
-                        "default: off)")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, help=f"random seed {_default('seed')}")
-    g.add_argument("--device", help=f"auto, cpu, cuda, cuda:N or mps {_default('device')}")
-    g.add_argument("--out", type=Path, metavar="RUN_DIR",
-                   help="run directory "
-                        "(default: runs/<model>-<dataset>-b<B>[-g<G>]-s<seed>-<time>)")
-    g.add_argument("--eval-every", type=int, metavar="N", dest="eval_every_updates",
-                   help="evaluate every N updates (default: every epoch)")
-    g.add_argument("--eval-batch-size", type=int, metavar="N",
-                   help=f"evaluation batch size {_default('eval_batch_size')}")
-    g.add_argument("--amp", choices=["bf16", "none"], help="bfloat16 autocast (default: none)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help=f"torch.compile the model {_default('compile')}")
-    g.add_argument("--on-nonfinite", choices=["stop", "skip"],
-                   help=f"on a NaN/Inf loss or gradient: stop, or skip the update "
-                        f"{_default('on_nonfinite')}")
-    g.add_argument("--progress", choices=["auto", "bar", "log", "none"],
-                   help=f"progress bar on a terminal (auto), bar, log lines, none "
-                        f"{_default('progress')}")
-    g.add_argument("--num-workers", type=int, metavar="N",
-                   help=f"loader worker processes (folder datasets) {_default('num_workers')}")
-    g.add_argument("--checkpoint-every-minutes", type=float, metavar="MIN",
-                   help="also checkpoint mid-epoch every MIN minutes (default: at evaluations)")
-    g.add_argument("--exact-ghost-alignment", action=argparse.BooleanOptionalAction,
-                   help="under torchrun, require the ghost batch size to divide the per-process "
-                        "batch (single-process equivalence) "
-                        f"{_default('exact_ghost_alignment')}")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in config_keys().values():
+        if spec.group not in groups:
+            groups[spec.group] = p.add_argument_group(spec.group)
+    add_key_flags(groups)
     p.set_defaults(handler=_cmd_train)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bigbatch`` argument parser with all subcommands."""
-    import bigbatch
-
-    parser = argparse.ArgumentParser(
-        prog="bigbatch", formatter_class=_HelpFormatter,
-        description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
-                    "ghost batch norm, lr scaling, regime adaptation).",
-        epilog="Run `bigbatch COMMAND --help` for the options of a command.",
-    )
-    parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(sub)
-
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
                        description="List registered models with their default dataset and regime.")
     p.set_defaults(handler=_cmd_models)
 
+
+def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "regime", help="show how a regime is adapted to a batch size",
         formatter_class=_HelpFormatter,
@@ -196,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (default: the model's)")
     p.add_argument("--dataset-size", type=int, metavar="N",
                    help="training samples (default: --train-subset or the dataset's size)")
-    p.add_argument("--train-subset", type=int, metavar="N", help="as in `bigbatch train`")
-    _add_regime_flags(p.add_argument_group("regime"))
+    add_key_flags(p.add_argument_group("regime"), _REGIME_KEYS)
     p.set_defaults(handler=_cmd_regime)
 
+
+def _add_download_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="download a dataset (SHA-256 verified)",
                        formatter_class=_HelpFormatter,
                        description="Download a dataset's files and verify their SHA-256.")
@@ -207,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="where to put it")
     p.set_defaults(handler=_cmd_download)
 
+
+def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce", help="run the paper's experiment grid from a preset, then the report",
         formatter_class=_HelpFormatter,
@@ -227,52 +128,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset directory for every run (default: the dataset's own)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                    help="download the dataset into --data-dir if missing (SHA-256 verified)")
-    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+    from bigbatch.train.config import config_keys
+
+    p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
                    help="progress display of each run")
     p.set_defaults(handler=_cmd_reproduce)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the report of a grid directory",
                        formatter_class=_HelpFormatter,
                        description="Write report.md and report.html for a `reproduce` grid.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="grid directory")
     p.set_defaults(handler=_cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bigbatch`` argument parser with all subcommands."""
+    import bigbatch
+
+    parser = argparse.ArgumentParser(
+        prog="bigbatch", formatter_class=_HelpFormatter,
+        description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
+                    "ghost batch norm, lr scaling, regime adaptation).",
+        epilog="Run `bigbatch COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
+                _add_reproduce_parser, _add_report_parser):
+        add(sub)
     return parser
 
 
 # -- train ----------------------------------------------------------------------------------------
-# Flags of `train` that map 1:1 onto RunConfig keys.
-_TRAIN_KEYS = (
-    "model", "dataset", "data_dir", "download", "train_subset", "held_out", "batch_size",
-    "base_batch_size", "ghost_batch_size", "micro_batch_size", "lr_scaling", "warmup_epochs",
-    "epochs", "clip_grad_norm", "seed", "device", "eval_every_updates", "eval_batch_size", "amp",
-    "compile", "on_nonfinite", "progress", "num_workers", "checkpoint_every_minutes",
-    "exact_ghost_alignment",
-)
-
-
-def _regime_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from bigbatch.train.config import read_config_file
-
-    out: dict[str, Any] = {}
-    if args.regime_adaptation_factor is not None:
-        if args.regime_adaptation is False:
-            raise ConfigError("--no-regime-adaptation contradicts --regime-adaptation-factor")
-        out["regime_adaptation"] = args.regime_adaptation_factor
-    elif args.regime_adaptation is not None:
-        out["regime_adaptation"] = args.regime_adaptation
-    if args.regime is not None:
-        out["regime"] = read_config_file(args.regime)
-    return out
-
-
-def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
-    out.update(_regime_overrides(args))
-    if args.model_options:
-        out["model_options"] = dict(args.model_options)
-    if out.get("amp") == "none":
-        out["amp"] = None
-    return out
+# The keys `bigbatch regime` takes besides --model, --dataset and --batch-size.
+_REGIME_KEYS = ("train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
+                "warmup_epochs", "epochs", "regime")
 
 
 def _default_run_dir(config: Any) -> Path:
@@ -281,15 +175,6 @@ def _default_run_dir(config: Any) -> Path:
     return Path("runs") / (
         f"{config.model}-{config.dataset}-b{config.batch_size}{ghost}-s{config.seed}-{stamp}"
     )
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    """Temp files of writes killed mid-way (never read; see train.checkpoint), deleted on resume."""
-    from bigbatch.train.checkpoint import remove_stale_temp_files
-
-    for directory in (run_dir, run_dir / "checkpoints"):
-        for path in remove_stale_temp_files(directory):
-            logging.getLogger("bigbatch").info("removed %s (left by an interrupted write)", path)
 
 
 def _launcher_rank() -> int:
@@ -301,44 +186,59 @@ def _launcher_rank() -> int:
     return launcher_rank()
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from bigbatch.train.config import load_config, merge_config, read_config_file
-    from bigbatch.train.loop import _RESUME_FREE_KEYS, train
+def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
+    """The config of the run in ``run_dir``, with the resume-free ``flags`` applied."""
+    from bigbatch.train.config import load_config, merge_config
+    from bigbatch.train.rundir import fixed_keys
 
-    flags = _flag_overrides(args)
+    fixed = fixed_keys(flags)
+    if fixed:
+        flag = "--" + fixed[0].replace("_", "-")
+        raise ConfigError(f"{flag} cannot change on --resume (RUN_DIR/config.toml fixes it); "
+                          "start a new run to change it")
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: {config_path} not found "
+                          "(not a bigbatch run directory?)")
+    remove_stale_temp_files(run_dir, run_dir / "checkpoints")
+    return merge_config(load_config(config_path), flags)
+
+
+def _new_run_dir(config: Any) -> Path:
+    """``config.out`` (or a time-stamped default), created and checked to be writable."""
+    from bigbatch.distributed import under_torchrun
+
+    if config.out is None and under_torchrun():
+        # A time-stamped default would differ between processes (and elastic restarts).
+        raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
+                          "restart of the job, must use the same run directory")
+    run_dir = Path(config.out) if config.out is not None else _default_run_dir(config)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # One probe per process: torchrun's processes probe the same directory at once.
+        probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: "
+                          f"{e.strerror or e}") from None
+    return run_dir
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bigbatch.train.config import config_keys, merge_config, read_config_file
+    from bigbatch.train.loop import train
+
+    flags = key_values(args, config_keys())
     if args.resume is not None:
-        if args.config is not None or args.out is not None:
-            raise ConfigError("--resume RUN_DIR takes the config and the output dir from RUN_DIR; "
-                              "drop --config/--out")
-        fixed = sorted(k for k in flags if k not in _RESUME_FREE_KEYS)
-        if fixed:
-            flag = "--" + fixed[0].replace("_", "-")
-            raise ConfigError(f"{flag} cannot change on --resume (RUN_DIR/config.toml fixes it); "
-                              "start a new run to change it")
-        config_path = args.resume / "config.toml"
-        if not config_path.is_file():
-            raise ConfigError(f"cannot resume {str(args.resume)!r}: {config_path} not found "
-                              "(not a bigbatch run directory?)")
-        config = merge_config(load_config(config_path), flags)
-        run_dir = args.resume
-        _remove_stale_temp_files(run_dir)
+        if args.config is not None or "out" in flags:
+            raise ConfigError("--resume RUN_DIR takes the config and the output dir from "
+                              "RUN_DIR; drop --config/--out")
+        config, run_dir = _resumed_config(args.resume, flags), args.resume
     else:
         base = read_config_file(args.config) if args.config is not None else {}
         config = merge_config(base, flags)
-        if args.out is None and "RANK" in os.environ:  # under torchrun
-            # A time-stamped default would differ between processes (and elastic restarts).
-            raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
-                              "restart of the job, must use the same run directory")
-        run_dir = args.out if args.out is not None else _default_run_dir(config)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # One probe per process: torchrun's processes probe the same directory at once.
-            probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: "
-                              f"{e.strerror or e}") from None
+        run_dir = _new_run_dir(config)
     logging.getLogger("bigbatch").info("run directory: %s", run_dir)
     summary = train(config, run_dir, resume=args.resume is not None)
     if _launcher_rank() != 0:
@@ -377,10 +277,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-_STANDARD_TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000,
-                         "cifar100": 50000, "imagenet": 1281167}
-
-
 def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
     if args.dataset_size is not None:
         return args.dataset_size
@@ -388,13 +284,7 @@ def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
         return args.train_subset
     from bigbatch import data
 
-    info = data.DATASETS.get(dataset)
-    for attr in ("num_train", "train_size", "num_train_samples"):
-        if info is not None and getattr(info, attr, None):
-            return int(getattr(info, attr))
-    if dataset in _STANDARD_TRAIN_SIZES:
-        return _STANDARD_TRAIN_SIZES[dataset]
-    raise ConfigError(f"training-set size of {dataset!r} unknown; pass --dataset-size N")
+    return data.get_info(dataset).num_train
 
 
 def _cmd_regime(args: argparse.Namespace) -> int:
@@ -404,11 +294,7 @@ def _cmd_regime(args: argparse.Namespace) -> int:
 
     dataset = args.dataset or models.get_spec(args.model).default_dataset
     keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
-    for k in ("base_batch_size", "lr_scaling", "warmup_epochs", "epochs", "train_subset"):
-        if getattr(args, k) is not None:
-            keys[k] = getattr(args, k)
-    keys.update(_regime_overrides(args))
-    config = RunConfig.from_dict(keys)
+    config = RunConfig.from_dict({**keys, **key_values(args, _REGIME_KEYS)})
     size = _dataset_size(args, dataset)
     before, after = resolve_regime(config, size)
     print(f"{config.model} on {dataset} ({size} training samples), lr scaling "

@@ -13,47 +13,14 @@ communication in the forward pass (the opposite of :class:`torch.nn.SyncBatchNor
 single-process training, so the trained weights are the same
 (``tests/test_distributed.py::test_ddp_matches_single_process``).
 
-Launch (``torchrun`` sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; :func:`setup`
-reads them, as nanoGPT does)::
+Launch with ``torchrun``, which sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+:func:`setup` reads them, as nanoGPT does. One machine with 4 GPUs (``--batch-size`` is the global
+batch, 1024 per GPU here)::
 
-    # one machine, 4 GPUs; --batch-size is the global batch (1024 per GPU here)
     torchrun --standalone --nproc-per-node 4 -m bigbatch train --model resnet44 \\
-        --dataset cifar10 --batch-size 4096 --ghost-batch-size 128
+        --dataset cifar10 --batch-size 4096 --ghost-batch-size 128 --out runs/r44
 
-    # two machines with 8 GPUs each: run this on every node, NODE_RANK = 0 and 1
-    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK \\
-        --rdzv-backend c10d --rdzv-id bigbatch-run1 --rdzv-endpoint node0.example.org:29500 \\
-        -m bigbatch train --model resnet44 --dataset cifar10 --batch-size 4096
-
-    # SLURM: one torchrun per node, which starts one process per GPU
-    #!/bin/bash
-    #SBATCH --nodes=2
-    #SBATCH --ntasks-per-node=1
-    #SBATCH --gpus-per-node=8
-    #SBATCH --cpus-per-task=32
-    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 8 \\
-        --rdzv-backend c10d --rdzv-id "$SLURM_JOB_ID" --rdzv-endpoint "$head:29500" \\
-        -m bigbatch train --model resnet44 --dataset cifar10 --batch-size 4096
-
-The training loop uses this module as follows (see each function for details)::
-
-    ctx = distributed.setup(config.device)            # first; ctx.device is this process's device
-    per_rank = distributed.shard_batch_size(config.batch_size, ctx.world_size)
-    distributed.check_ghost_alignment(per_rank, config.ghost_batch_size)
-    model = distributed.wrap_model(model.to(ctx.device), ctx)   # build the optimizer after this
-    for x, y in train_loader.iterate(epoch, start_step, shard=(ctx.rank, ctx.world_size)):
-        # n: samples in this update over all ranks (batch_size; fewer in an epoch's last batch)
-        for i, (xm, ym) in enumerate(zip(x.split(micro), y.split(micro))):
-            with distributed.no_sync_context(model, is_last_micro_batch=i == num_micro - 1):
-                loss_sum = F.cross_entropy(model(xm), ym, reduction="sum")
-                (loss_sum * distributed.loss_scale(n, ctx)).backward()
-        optimizer.step()
-    distributed.average_bn_running_stats(model, ctx)  # before evaluation and checkpoints
-    sums = distributed.reduce_metrics({"loss": ..., "correct": ..., "samples": ...}, ctx)
-    if distributed.is_main(ctx):
-        save_checkpoint(distributed.unwrap(model).state_dict(), ...)
-    distributed.teardown(ctx)
+Several machines and SLURM: see the README's "Multi-GPU / multi-node" section.
 """
 
 from __future__ import annotations
@@ -74,24 +41,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from bigbatch.errors import ConfigError
+from bigbatch.machine import resolve_device
 
 __all__ = [
     "DistContext",
     "all_reduce_sum",
     "elastic_job_id",
     "elastic_restart_count",
+    "gather_objects",
     "launcher_rank",
     "average_bn_running_stats",
     "barrier",
     "broadcast_object",
-    "check_ghost_alignment",
-    "is_main",
-    "loss_scale",
     "no_sync_context",
+    "rank_seed",
     "reduce_metrics",
     "setup",
-    "shard_batch_size",
-    "shard_range",
     "teardown",
     "under_torchrun",
     "unwrap",
@@ -134,9 +99,7 @@ class DistContext:
 
 
 def _resolve_device(device: str | torch.device, local_rank: int, distributed: bool) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    requested = torch.device(device)
+    requested = resolve_device(device)
     if requested.type != "cuda":
         return requested
     if not torch.cuda.is_available():
@@ -206,9 +169,7 @@ def setup(device: str | torch.device = "auto") -> DistContext:
 
 
 def under_torchrun() -> bool:
-    """Whether torchrun started this process (``RANK`` is set); usable before :func:`setup`.
-
-    """
+    """Whether torchrun started this process (``RANK`` is set); usable before :func:`setup`."""
     return "RANK" in os.environ
 
 
@@ -260,125 +221,7 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def is_main(ctx: DistContext) -> bool:
-    """True on the process that writes run files, checkpoints and logs (rank 0)."""
-    return ctx.is_main
-
-
-# -------------------------------------------------------------------------------------------------
-# Batch arithmetic
-# -------------------------------------------------------------------------------------------------
-
-
-def shard_batch_size(batch_size: int, world_size: int) -> int:
-    """The per-process batch: ``batch_size / world_size``, which must be a whole number.
-
-    Args:
-        batch_size: the global batch, summed over all processes (what the paper calls B).
-        world_size: number of processes.
-
-    Returns:
-        ``batch_size // world_size``.
-
-    Raises:
-        ConfigError: ``world_size`` does not divide ``batch_size``; the message names the nearest
-            batch sizes that work.
-
-    Example:
-        >>> shard_batch_size(4096, 8)
-        512
-    """
-    if world_size < 1 or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} and world_size={world_size} must be positive")
-    if batch_size % world_size == 0:
-        return batch_size // world_size
-    below = batch_size // world_size * world_size
-    above = below + world_size
-    nearest = f"{below} or {above}" if below > 0 else f"{above}"
-    raise ConfigError(
-        f"batch_size={batch_size} is the global batch and must be divisible by the number of "
-        f"processes ({world_size}); use --batch-size {nearest}, or launch a number of processes "
-        f"that divides {batch_size}"
-    )
-
-
-def check_ghost_alignment(
-    per_rank_batch: int, ghost_batch_size: int | None, exact: bool = True
-) -> None:
-    """Check that ghost batches fall inside one process's slice, as in single-process training.
-
-    Single-process ghost BN splits the global batch into consecutive slices of ``ghost_batch_size``.
-    Distributed, each process splits its own contiguous slice. The two splits coincide (and training
-    is the same, up to float reduction order) exactly when ``ghost_batch_size`` divides
-    ``per_rank_batch``; otherwise every process ends with a short ghost batch that single-process
-    training does not have.
-
-    Args:
-        per_rank_batch: samples per process and update (:func:`shard_batch_size`).
-        ghost_batch_size: the ghost batch size, or ``None`` for plain batch norm (nothing to check).
-        exact: require single-process equivalence; with ``False`` any size is accepted.
-
-    Raises:
-        ConfigError: ``exact`` and ``ghost_batch_size`` does not divide ``per_rank_batch``.
-
-    Example:
-        >>> check_ghost_alignment(512, 128)  # 4 ghost batches per process
-    """
-    if ghost_batch_size is None or not exact:
-        return
-    if ghost_batch_size < 1:
-        raise ConfigError(f"ghost_batch_size={ghost_batch_size} must be positive")
-    if per_rank_batch % ghost_batch_size == 0:
-        return
-    # The nearest ghost sizes that work: the divisors of the per-process batch around the request
-    # (a ghost batch of 1 sample cannot be normalised, so 1 is never suggested).
-    divisors = [d for d in range(2, per_rank_batch + 1) if per_rank_batch % d == 0]
-    below = [d for d in divisors if d < ghost_batch_size][-1:]
-    above = [d for d in divisors if d > ghost_batch_size][:1]
-    raise ConfigError(
-        f"ghost_batch_size={ghost_batch_size} does not divide the per-process batch of "
-        f"{per_rank_batch} samples (global batch / number of processes), so the ghost batches "
-        f"would differ from single-process training; use --ghost-batch-size "
-        f"{' or '.join(map(str, below + above))}, or a global batch that is a multiple of "
-        f"{ghost_batch_size} x the number of processes"
-    )
-
-
-def loss_scale(global_batch_size: int, ctx: DistContext) -> float:
-    """Factor that turns a per-process *sum* of losses into this process's share of the global mean.
-
-    DDP averages gradients over processes. Multiplying each process's summed loss (over all of its
-    micro-batches) by ``world_size / global_batch_size`` makes that average the gradient of the mean
-    loss over the global batch, also when micro-batches or a last partial batch make the slices
-    unequal.
-
-    Example:
-        >>> loss_scale(256, DistContext())
-        0.00390625
-    """
-    return ctx.world_size / global_batch_size
-
-
-def shard_range(n: int, ctx: DistContext) -> slice:
-    """This process's contiguous part of ``range(n)``, e.g. of an evaluation set.
-
-    Parts follow :func:`torch.tensor_split`: the first ``n % world_size`` processes get one extra
-    item, and the parts cover ``range(n)`` in rank order without overlap.
-
-    Example:
-        >>> shard_range(10, DistContext(rank=1, world_size=3))
-        slice(4, 7, None)
-    """
-    base, extra = divmod(n, ctx.world_size)
-    start = ctx.rank * base + min(ctx.rank, extra)
-    return slice(start, start + base + (ctx.rank < extra))
-
-
-# -------------------------------------------------------------------------------------------------
-# The model
-# -------------------------------------------------------------------------------------------------
-
-
+# -- The model ------------------------------------------------------------------------------------
 def _ddp_options() -> dict[str, bool]:
     # Rank-local buffers: BN running stats are not broadcast from rank 0 before every forward
     # (costly and it would discard the other ranks' statistics); average_bn_running_stats merges
@@ -503,11 +346,7 @@ def average_bn_running_stats(model: nn.Module, ctx: DistContext) -> None:
         buffer.copy_(part.view_as(buffer))
 
 
-# -------------------------------------------------------------------------------------------------
-# Collectives for sharded evaluation and coordination
-# -------------------------------------------------------------------------------------------------
-
-
+# -- Collectives for sharded evaluation and coordination ------------------------------------------
 def all_reduce_sum(
     values: torch.Tensor | float | Sequence[float], ctx: DistContext
 ) -> torch.Tensor | float | list[float]:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,13 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "drop_none",
     "parse_data_text",
     "remove_stale_temp_files",
     "storage_error",
 ]
+
+log = logging.getLogger("bigbatch")
 
 TEMP_PATTERN = ".*.tmp"  # what atomic_write_bytes names its temporary files (mkstemp below)
 _WRITE_DELAY_ENV = "BIGBATCH_TEST_WRITE_DELAY_S"
@@ -79,17 +84,19 @@ def storage_error(exc: OSError, path: str | Path) -> StorageError:
     return error
 
 
-def remove_stale_temp_files(directory: str | Path) -> list[Path]:
-    """Delete temporary files left in ``directory`` by a write that was killed; returns them.
+def remove_stale_temp_files(*directories: str | Path) -> list[Path]:
+    """Delete temporary files left in ``directories`` by writes that were killed; returns them.
 
-    Only names that :func:`atomic_write_bytes` creates (``.NAME.XXXX.tmp``) are touched. Call it
-    when no other process writes to ``directory`` (on resume).
+    Only names that :func:`atomic_write_bytes` creates (``.NAME.XXXX.tmp``) are touched, and each
+    is logged. Call it when no other process writes to the directories (on resume).
     """
     removed = []
-    for path in Path(directory).glob(TEMP_PATTERN):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for directory in directories:
+        for path in Path(directory).glob(TEMP_PATTERN):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+                log.info("removed %s (left by an interrupted write)", path)
     return removed
 
 
@@ -180,3 +187,17 @@ def parse_data_text(text: str, fmt: str, context: str) -> Any:
     except Exception as e:  # noqa: BLE001 - tomllib/yaml raise their own (and ValueError); report
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{context}: {first}") from None
+
+
+def drop_none(v: Any) -> Any:
+    """Plain data without its ``None`` values (TOML has no null), recursively.
+
+    Example:
+        >>> drop_none({"a": 1, "b": None, "c": [{"d": None}]})
+        {'a': 1, 'c': [{}]}
+    """
+    if isinstance(v, Mapping):
+        return {k: drop_none(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (list, tuple)):
+        return [drop_none(x) for x in v]
+    return v

@@ -1,11 +1,12 @@
-"""What machine a result came from: named beside every figure (runs, reports, benchmarks)."""
+"""The machine: what a result came from (named beside every figure), and the device to use."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cpu_name"]
+__all__ = ["cpu_name", "resolve_device"]
 
 
 def cpu_name() -> str:
@@ -22,3 +23,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def resolve_device(device: Any) -> Any:
+    """The ``torch.device`` for a device setting; ``"auto"`` is CUDA when available, else the CPU.
+
+    The one place that decides what ``"auto"`` means (the engine, the loaders, ``torchrun``).
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    import torch
+
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.fileio import tomllib
+from bigbatch.fileio import drop_none, remove_stale_temp_files, tomllib
 from bigbatch.preset_file import (
     PRESETS_DIR,
     check_keys,
@@ -93,9 +93,7 @@ _TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overri
 _GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling")
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")
-# RunConfig keys that may change between two calls on the same grid (they do not change results).
-_FREE_KEYS = ("device", "progress", "num_workers", "data_dir", "download", "eval_batch_size",
-              "checkpoint_every_minutes")  # fmt: skip
+
 
 
 def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
@@ -228,22 +226,17 @@ def apply_settings(preset: dict[str, Any], assignments: list[str]) -> dict[str, 
     return _apply_overrides(preset, dict(parse_assignment(a) for a in assignments))
 
 
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_drop_none(v) for v in value]
-    return value
-
-
 def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse to mix two different grids in one directory; return the old grid.toml if any."""
     path = out_dir / "grid.toml"
     if not path.is_file():
         return None
     old = tomllib.loads(path.read_text(encoding="utf-8"))
-    old_base = {k: v for k, v in old.get("base", {}).items() if k not in _FREE_KEYS}
-    new_base = {k: v for k, v in _drop_none(preset["base"]).items() if k not in _FREE_KEYS}
+    # Keys that may change between two calls on the same grid: they do not change results.
+    from bigbatch.train.config import RESUME_FREE_KEYS
+
+    old_base = {k: v for k, v in old.get("base", {}).items() if k not in RESUME_FREE_KEYS}
+    new_base = {k: v for k, v in drop_none(preset["base"]).items() if k not in RESUME_FREE_KEYS}
     diffs = [
         f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
         for k in sorted(set(old_base) | set(new_base))
@@ -261,33 +254,13 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
     return old
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    """The run's summary.json, or {} when it is absent or torn (the run is then unfinished)."""
-    import json
-
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
-
-
 def _train(config, run_dir: Path, *, resume: bool) -> dict[str, Any]:
     """Run one training run (an indirection so tests can count and intercept runs)."""
     from bigbatch.train.loop import train
 
     if resume:
-        _remove_stale_temp_files(run_dir, run_dir / "checkpoints")
+        remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     return train(config, run_dir, resume=resume)
-
-
-def _remove_stale_temp_files(*directories: Path) -> None:
-    """Temp files of writes killed mid-way (a killed run or report); nothing reads them."""
-    from bigbatch.train.checkpoint import remove_stale_temp_files
-
-    for directory in directories:
-        for path in remove_stale_temp_files(directory):
-            log.info("removed %s (left by an interrupted write)", path)
 
 
 def _one_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str:
@@ -352,7 +325,7 @@ def run_grid(
     if is_main:
         from bigbatch.report.render import FIGURE_DIR
 
-        _remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
+        remove_stale_temp_files(out_dir, out_dir / FIGURE_DIR)  # from a killed report
         _write_record(out_dir, original, resolved, overrides or {}, old)
 
     plan = [(seed, arm) for seed in resolved["grid"]["seeds"] for arm in resolved["grid"]["arms"]]
@@ -381,11 +354,13 @@ def preset_differences(preset: Mapping[str, Any], grid: Mapping[str, Any]) -> li
         >>> preset_differences(demo, short)
         ['[base] epochs: unset -> 1']
     """
+    from bigbatch.train.config import RESUME_FREE_KEYS
+
     lines = []
     for table, keys in (("base", None), ("grid", ("seeds", "arms", *_GRID_KEYS[1:]))):
-        old, new = _drop_none(preset[table]), _drop_none(grid[table])
+        old, new = drop_none(preset[table]), drop_none(grid[table])
         for key in keys or sorted(set(old) | set(new)):
-            if key in _FREE_KEYS or old.get(key) == new.get(key):
+            if key in RESUME_FREE_KEYS or old.get(key) == new.get(key):
                 continue
             before, after = (repr(v) if v is not None else "unset" for v in (old.get(key),
                                                                              new.get(key)))
@@ -400,8 +375,8 @@ def _write_record(out_dir: Path, original: dict[str, Any], resolved: dict[str, A
 
     from bigbatch.fileio import atomic_write_text
 
-    record = _drop_none(resolved)
-    record["overrides"] = _drop_none(dict(overrides))
+    record = drop_none(resolved)
+    record["overrides"] = drop_none(dict(overrides))
     if old is not None:
         old_grid = old.get("grid", {})
         seeds_before = set(old_grid.get("seeds", []))
@@ -415,8 +390,10 @@ def _write_record(out_dir: Path, original: dict[str, Any], resolved: dict[str, A
 
 def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step: str) -> None:
     """Run, resume or skip one (arm, seed) of the grid; a divergence is logged, not raised."""
+    from bigbatch.train.rundir import read_summary
+
     run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
-    previous = _read_summary(run_dir)
+    previous = read_summary(run_dir)
     status = previous.get("status")
     if status == "complete":
         log.info("%s %s", step, _one_line(arm, seed, previous, "already complete"))

@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bigbatch.errors import DownloadError
 
@@ -148,6 +149,32 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _copy(response: Any, out: Any, digest: Any, url: str, deadline_s: float | None) -> None:
+    """Stream ``response`` into ``out``, hashing, within the deadline; check the length."""
+    length = response.headers.get("Content-Length")
+    expected = int(length) if length is not None and length.isdigit() else None
+    received, started = 0, time.monotonic()
+    try:
+        # read1: whatever has arrived (up to _CHUNK), so the deadline is checked between the
+        # bytes of a trickling server, not once per 64 KiB.
+        for chunk in iter(lambda: response.read1(_CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+            received += len(chunk)
+            if deadline_s is not None and time.monotonic() - started > deadline_s:
+                raise DownloadError(
+                    f"{url}: not finished after {deadline_s:g} s ({received} bytes received; "
+                    "a stalled or very slow server); retry or use another mirror with base_url"
+                )
+    except http.client.IncompleteRead as exc:
+        raise DownloadError(
+            f"{url}: truncated download, connection closed after "
+            f"{received + len(exc.partial)} bytes"
+        ) from None
+    if expected is not None and received != expected:
+        raise DownloadError(f"{url}: truncated download, got {received} of {expected} bytes")
+
+
 def fetch(
     url: str,
     dest: str | Path,
@@ -178,27 +205,9 @@ def fetch(
     part = dest.with_name(dest.name + ".part")
     opener = urllib.request.build_opener(_LimitedRedirects)
     digest = hashlib.sha256()
-    received = 0
-    started = time.monotonic()
     try:
         with opener.open(url, timeout=timeout) as response, open(part, "wb") as out:
-            length = response.headers.get("Content-Length")
-            expected = int(length) if length is not None and length.isdigit() else None
-            # read1: whatever has arrived (up to _CHUNK), so the deadline is checked between
-            # the bytes of a trickling server, not once per 64 KiB.
-            for chunk in iter(lambda: response.read1(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-                received += len(chunk)
-                if deadline_s is not None and time.monotonic() - started > deadline_s:
-                    raise DownloadError(
-                        f"{url}: not finished after {deadline_s:g} s ({received} bytes received; "
-                        "a stalled or very slow server); retry or use another mirror with base_url"
-                    )
-            if expected is not None and received != expected:
-                raise DownloadError(
-                    f"{url}: truncated download, got {received} of {expected} bytes"
-                )
+            _copy(response, out, digest, url, deadline_s)
             out.flush()
             os.fsync(out.fileno())
         actual = digest.hexdigest()
@@ -214,11 +223,6 @@ def fetch(
     except urllib.error.HTTPError as exc:
         what = "too many redirects or a redirect loop" if 300 <= exc.code < 400 else "HTTP error"
         raise DownloadError(f"{url}: {what} ({exc.code} {exc.reason})") from None
-    except http.client.IncompleteRead as exc:
-        raise DownloadError(
-            f"{url}: truncated download, connection closed after "
-            f"{received + len(exc.partial)} bytes"
-        ) from None
     except TimeoutError:
         raise DownloadError(
             f"{url}: no data for {timeout} s (timed out); retry or use another mirror with base_url"

@@ -143,6 +143,22 @@ class EpochBatches:
         batches = math.ceil(n / b)
         return batches - 1 if self.train and batches > 1 and n % b == 1 else batches
 
+    def batch_size_at(self, step: int) -> int:
+        """Samples in step ``step`` of every epoch: ``batch_size``, fewer in the last one.
+
+        Under DDP this is the *global* batch, of which ``iterate(..., shard=...)`` yields one
+        process's slice; it is what the gradient's mean divides by.
+
+        Example:
+            >>> x = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+            >>> loader = InMemoryLoader(x, torch.arange(10), batch_size=4, mean=(0,), std=(1,))
+            >>> [loader.batch_size_at(k) for k in range(len(loader))]
+            [4, 4, 2]
+        """
+        if not 0 <= step < len(self):
+            raise ValueError(f"step must be in [0, {len(self)}), got {step}")
+        return min(self.batch_size, self.num_samples - step * self.batch_size)
+
     def batch_indices(self, epoch: int) -> list[torch.Tensor]:
         """The sample indices (CPU LongTensors) of every step of ``epoch``, in order."""
         if epoch < 0:

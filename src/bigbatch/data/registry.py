@@ -19,8 +19,14 @@ import torch
 from bigbatch.data.cifar import cifar_present, load_cifar_split
 from bigbatch.data.idx import find_idx_file, idx_file_names, load_idx_split
 from bigbatch.data.pipeline import InMemoryLoader, seeded_generator
-from bigbatch.data.synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, make_synthetic
+from bigbatch.data.synthetic import (
+    SYNTHETIC_MEAN,
+    SYNTHETIC_STD,
+    SYNTHETIC_TRAIN_SIZE,
+    make_synthetic,
+)
 from bigbatch.errors import ConfigError, DataError
+from bigbatch.machine import resolve_device
 
 __all__ = ["DATASETS", "DatasetInfo", "build_loaders", "get_info", "load_split", "split_indices"]
 
@@ -40,6 +46,8 @@ class DatasetInfo:
         mean, std: per-channel normalisation constants of the training set, in [0, 1] pixel units.
         augmentation: "none", "crop_flip" (CIFAR: padded random crop + flip) or "imagenet".
         in_memory: whether the whole dataset is loaded as one tensor (everything but ImageNet).
+        num_train: samples in the standard training split (what ``bigbatch regime`` counts
+            epochs in when no ``--dataset-size`` is given).
         default_dir: where the files are looked for when no ``data_dir`` is given.
     """
 
@@ -51,15 +59,22 @@ class DatasetInfo:
     std: tuple[float, ...]
     augmentation: str
     in_memory: bool
+    num_train: int
     default_dir: str | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(in_channels, image_size, image_size)`` of one sample."""
+        return (self.in_channels, self.image_size, self.image_size)
 
 
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), "none", True),
+        DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), "none", True, 60000),
         DatasetInfo(
-            "fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "none", True, FASHION_MNIST_DIR
+            "fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "none", True, 60000,
+            FASHION_MNIST_DIR,
         ),
         DatasetInfo(
             "cifar10",
@@ -70,6 +85,7 @@ DATASETS: dict[str, DatasetInfo] = {
             (0.2470, 0.2435, 0.2616),
             "crop_flip",
             True,
+            50000,
         ),
         DatasetInfo(
             "cifar100",
@@ -80,6 +96,7 @@ DATASETS: dict[str, DatasetInfo] = {
             (0.2673, 0.2564, 0.2762),
             "crop_flip",
             True,
+            50000,
         ),
         DatasetInfo(
             "imagenet",
@@ -90,8 +107,10 @@ DATASETS: dict[str, DatasetInfo] = {
             (0.229, 0.224, 0.225),
             "imagenet",
             False,
+            1281167,
         ),
-        DatasetInfo("synthetic", 10, 1, 8, SYNTHETIC_MEAN, SYNTHETIC_STD, "none", True),
+        DatasetInfo("synthetic", 10, 1, 8, SYNTHETIC_MEAN, SYNTHETIC_STD, "none", True,
+                    SYNTHETIC_TRAIN_SIZE),
     )
 }
 
@@ -240,12 +259,6 @@ def split_indices(
     return train.sort().values, (val.sort().values if held_out else None)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_loaders(
     dataset: str,
     *,
@@ -290,7 +303,7 @@ def build_loaders(
         (8, 1, 10)
     """
     info = get_info(dataset)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if not info.in_memory:
         return _build_folder_loaders(
             info,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SYNTHETIC_MEAN", "SYNTHETIC_STD", "make_synthetic"]
+__all__ = ["SYNTHETIC_MEAN", "SYNTHETIC_STD", "SYNTHETIC_TRAIN_SIZE", "make_synthetic"]
 
 _TEMPLATE_SEED = 20170524  # the paper's arXiv submission date; any fixed value works
 _SPLIT_SEEDS = {"train": 1, "test": 2}
 _NUM_CLASSES = 10
 _SHAPE = (1, 8, 8)
+SYNTHETIC_TRAIN_SIZE = 2048
+_TEST_SIZE = 512
 
 # Pixel statistics of the training split (computed from make_synthetic("train"); fixed by the
 # seeds).
@@ -41,7 +43,9 @@ def make_synthetic(
     """
     if split not in _SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
-    n = num_samples if num_samples is not None else (2048 if split == "train" else 512)
+    n = num_samples if num_samples is not None else (
+        SYNTHETIC_TRAIN_SIZE if split == "train" else _TEST_SIZE
+    )
     if n < 0:
         raise ValueError(f"num_samples must be >= 0, got {n}")
     templates = np.random.default_rng(_TEMPLATE_SEED).uniform(0.0, 1.0, (_NUM_CLASSES, *_SHAPE))

@@ -22,29 +22,14 @@ import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
+from bigbatch.data.registry import DATASETS
 from bigbatch.errors import ConfigError
 
 __all__ = ["ModelSpec", "create", "get_spec", "names", "register", "step_regime"]
-
-# Input shape of each dataset, used only to fill in defaults. The source of truth is
-# bigbatch.data.DATASETS; this copy lets the models work without the data package (tests check
-# that the two agree).
-_FALLBACK_SHAPES: Mapping[str, tuple[int, int, int]] = MappingProxyType(
-    {
-        # name: (num_classes, in_channels, image_size)
-        "mnist": (10, 1, 28),
-        "fashion-mnist": (10, 1, 28),
-        "cifar10": (10, 3, 32),
-        "cifar100": (100, 3, 32),
-        "imagenet": (1000, 3, 224),
-        "synthetic": (10, 1, 8),
-    }
-)
 
 # Keyword arguments every builder takes; the rest of its keyword parameters are its "options".
 _SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
@@ -122,7 +107,7 @@ def register(
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        if default_dataset not in _FALLBACK_SHAPES:
+        if default_dataset not in DATASETS:
             raise ValueError(f"model {name!r}: unknown default_dataset {default_dataset!r}")
         params = inspect.signature(builder).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -172,20 +157,12 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def dataset_shape(dataset: str) -> tuple[int, int, int]:
-    """``(num_classes, in_channels, image_size)`` of a dataset, from ``bigbatch.data`` when
-    available."""
-    try:
-        from bigbatch.data import DATASETS  # imported late: the data package is optional here
-    except ImportError:
-        DATASETS = None
-    if DATASETS is not None and dataset in DATASETS:
-        info = DATASETS[dataset]
-        size = info.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return int(info.num_classes), int(info.in_channels), int(size)
-    if dataset not in _FALLBACK_SHAPES:
+    """``(num_classes, in_channels, image_size)`` of a dataset (from ``bigbatch.data.DATASETS``,
+    the one owner of these facts)."""
+    if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}")
-    return _FALLBACK_SHAPES[dataset]
+    info = DATASETS[dataset]
+    return info.num_classes, info.in_channels, info.image_size
 
 
 def step_regime(

@@ -9,13 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from bigbatch.train.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bigbatch.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bigbatch.train.checkpoint import load_checkpoint, save_checkpoint
 from bigbatch.train.config import RunConfig, load_config, merge_config, resolve_regime
 from bigbatch.train.loop import evaluate, forward_backward, train
 

@@ -12,17 +12,29 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bigbatch import distributed
 from bigbatch.errors import ConfigError
-from bigbatch.train.config import RunConfig
+from bigbatch.train.config import RunConfig, resolve_regime
+from bigbatch.train.state import Plan, TrainState
 
-__all__ = ["build_model"]
+__all__ = [
+    "Run",
+    "build_model",
+    "build_run",
+    "check_ghost_alignment",
+    "check_process_split",
+    "shard_batch_size",
+]
 
 log = logging.getLogger("bigbatch.train")
 
@@ -48,6 +60,209 @@ def build_model(config: RunConfig, info: Any) -> nn.Module:
 
         model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
     return model
+
+
+@dataclasses.dataclass
+class Run:
+    """A run ready to train: its plan, its state, and what the loop uses beside them.
+
+    Attributes:
+        run_dir: the run directory.
+        ctx: this process's ``bigbatch.distributed.DistContext``.
+        plan: the resolved, fixed facts (:class:`~bigbatch.train.state.Plan`).
+        state: what training changes (:class:`~bigbatch.train.state.TrainState`).
+        train_model: the model the loop calls (``state.model`` wrapped in DDP /
+            ``torch.compile`` when asked).
+        train_loader, val_loader, info: the loaders and the ``DatasetInfo``.
+        autocast: the forward pass's autocast context (``None``: none).
+        channels_last: whether batches are put in channels-last memory format.
+        params: the parameters that get gradients (clipped and checked).
+    """
+
+    run_dir: Path
+    ctx: Any
+    plan: Plan
+    state: TrainState
+    train_model: nn.Module
+    train_loader: Any
+    val_loader: Any
+    info: Any
+    autocast: Any
+    channels_last: bool
+    params: list[torch.Tensor]
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """This process's ``(rank, world_size)`` slice of every batch, ``None`` in one process."""
+        return (self.ctx.rank, self.ctx.world_size) if self.ctx.enabled else None
+
+    def no_sync(self) -> Callable[[bool], Any] | None:
+        """``forward_backward``'s ``no_sync`` under DDP (``None`` in one process)."""
+        if not self.ctx.enabled:
+            return None
+        return lambda last: distributed.no_sync_context(self.train_model, last)
+
+
+def check_process_split(config: RunConfig, ctx: Any) -> None:
+    """The global batch must split evenly over the processes (checked before any file is written),
+    and with ``exact_ghost_alignment`` every process's slice into whole ghost batches."""
+    per_rank_batch = shard_batch_size(config.batch_size, ctx.world_size)
+    if ctx.enabled:
+        check_ghost_alignment(
+            per_rank_batch, config.ghost_batch_size, exact=config.exact_ghost_alignment
+        )
+
+
+def shard_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-process batch: ``batch_size / world_size``, which must be a whole number.
+
+    Args:
+        batch_size: the global batch, summed over all processes (what the paper calls B).
+        world_size: number of processes.
+
+    Returns:
+        ``batch_size // world_size``.
+
+    Raises:
+        ConfigError: ``world_size`` does not divide ``batch_size``; the message names the nearest
+            batch sizes that work.
+
+    Example:
+        >>> shard_batch_size(4096, 8)
+        512
+    """
+    if world_size < 1 or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} and world_size={world_size} must be positive")
+    if batch_size % world_size == 0:
+        return batch_size // world_size
+    below = batch_size // world_size * world_size
+    above = below + world_size
+    nearest = f"{below} or {above}" if below > 0 else f"{above}"
+    raise ConfigError(
+        f"batch_size={batch_size} is the global batch and must be divisible by the number of "
+        f"processes ({world_size}); use --batch-size {nearest}, or launch a number of processes "
+        f"that divides {batch_size}"
+    )
+
+
+def check_ghost_alignment(
+    per_rank_batch: int, ghost_batch_size: int | None, exact: bool = True
+) -> None:
+    """Check that ghost batches fall inside one process's slice, as in single-process training.
+
+    Single-process ghost BN splits the global batch into consecutive slices of ``ghost_batch_size``.
+    Distributed, each process splits its own contiguous slice. The two splits coincide (and training
+    is the same, up to float reduction order) exactly when ``ghost_batch_size`` divides
+    ``per_rank_batch``; otherwise every process ends with a short ghost batch that single-process
+    training does not have.
+
+    Args:
+        per_rank_batch: samples per process and update (:func:`shard_batch_size`).
+        ghost_batch_size: the ghost batch size, or ``None`` for plain batch norm (nothing to check).
+        exact: require single-process equivalence; with ``False`` any size is accepted.
+
+    Raises:
+        ConfigError: ``exact`` and ``ghost_batch_size`` does not divide ``per_rank_batch``.
+
+    Example:
+        >>> check_ghost_alignment(512, 128)  # 4 ghost batches per process
+    """
+    if ghost_batch_size is None or not exact:
+        return
+    if ghost_batch_size < 1:
+        raise ConfigError(f"ghost_batch_size={ghost_batch_size} must be positive")
+    if per_rank_batch % ghost_batch_size == 0:
+        return
+    # The nearest ghost sizes that work: the divisors of the per-process batch around the request
+    # (a ghost batch of 1 sample cannot be normalised, so 1 is never suggested).
+    divisors = [d for d in range(2, per_rank_batch + 1) if per_rank_batch % d == 0]
+    below = [d for d in divisors if d < ghost_batch_size][-1:]
+    above = [d for d in divisors if d > ghost_batch_size][:1]
+    raise ConfigError(
+        f"ghost_batch_size={ghost_batch_size} does not divide the per-process batch of "
+        f"{per_rank_batch} samples (global batch / number of processes), so the ghost batches "
+        f"would differ from single-process training; use --ghost-batch-size "
+        f"{' or '.join(map(str, below + above))}, or a global batch that is a multiple of "
+        f"{ghost_batch_size} x the number of processes"
+    )
+
+
+def _loaders(config: RunConfig, ctx: Any):
+    from bigbatch import data
+
+    # Under torchrun with --download, one process per node fetches the files while the others
+    # wait, so that no two processes write the same file.
+    first_on_node = ctx.local_rank == 0
+    if config.download and not first_on_node:
+        distributed.barrier(ctx)
+    loaders = data.build_loaders(
+        config.dataset,
+        data_dir=config.data_dir,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        device=ctx.device,
+        seed=config.seed,
+        train_subset=config.train_subset,
+        held_out=config.held_out,
+        download=config.download,
+        num_workers=config.num_workers,
+    )
+    if config.download and first_on_node:
+        distributed.barrier(ctx)
+    return loaders
+
+
+def _plan(config: RunConfig, ctx: Any, train_loader: Any) -> Plan:
+    from bigbatch.recipes import num_updates
+
+    dataset_size = int(train_loader.num_samples)
+    base_regime, regime = resolve_regime(config, dataset_size)
+    # The loader's own count of batches (it drops a last batch of one sample, which batch norm
+    # cannot train on); recipes.num_updates rounds regime.epochs times it, as a "dataset" of that
+    # many one-sample batches.
+    upe = len(train_loader)
+    return Plan(config, base_regime, regime, dataset_size, upe, max(1, num_updates(regime, upe, 1)),
+                ctx.device, ctx.world_size)
+
+
+def build_run(config: RunConfig, ctx: Any, run_dir: Path) -> Run:
+    """Seed, build the loaders, the plan, the model (on ``ctx.device``, wrapped for DDP) and the
+    optimizer: everything the loop needs, in the order that fixes the random streams.
+
+    Raises:
+        ConfigError: a batch split that batch norm cannot use (checked before training).
+    """
+    from bigbatch.diagnostics import WeightDistance
+    from bigbatch.recipes import build_optimizer
+
+    torch.manual_seed(config.seed)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_loader, val_loader, info = _loaders(config, ctx)
+    plan = _plan(config, ctx, train_loader)
+    model = build_model(config, info)
+    # Batch sizes of an epoch (the last one is partial).
+    sizes = {int(ix.numel()) for ix in train_loader.batch_indices(0)}
+    _check_batch_split(config, model, sizes, ctx.world_size)
+    channels_last = config.channels_last is True or (
+        config.channels_last == "auto" and ctx.device.type == "cuda" and _uses_conv(model)
+    )
+    model = model.to(ctx.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # DDP broadcasts rank 0's weights when wrapping: w0 is taken after, the same on every rank.
+    train_model = distributed.wrap_model(model, ctx)
+    if ctx.world_size > 1:
+        # From here each process draws its own random numbers (dropout masks), as one process
+        # drawing for the whole global batch would; weights and data order are already shared.
+        torch.manual_seed(distributed.rank_seed(config.seed, ctx.rank))
+    weight_distance = WeightDistance(model)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    state = TrainState(model, build_optimizer(model.parameters(), plan.regime), weight_distance)
+    return Run(run_dir, ctx, plan, state, train_model, train_loader, val_loader, info,
+               _autocast(config, ctx.device), channels_last,
+               [p for p in model.parameters() if p.requires_grad])
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """Atomic file writes and checkpoints that load with ``torch.load(weights_only=True)``.
 
 Every file the engine writes goes through :func:`bigbatch.fileio.atomic_write_bytes` (temp file,
-fsync, ``os.replace``; re-exported here), so a crash (or SIGKILL) at any moment leaves either the
+fsync, ``os.replace``), so a crash (or SIGKILL) at any moment leaves either the
 old file or the new one, never half of each, and ``last.pt`` is always loadable.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled classes,
@@ -25,27 +25,10 @@ from typing import Any
 import torch
 
 from bigbatch.errors import BigBatchError
-from bigbatch.fileio import (
-    StorageError,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    remove_stale_temp_files,
-    storage_error,
-)
+from bigbatch.fileio import atomic_write_bytes
 
-__all__ = [
-    "CheckpointError",
-    "StorageError",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "checkpoint_bytes",
-    "load_checkpoint",
-    "remove_stale_temp_files",
-    "save_checkpoint",
-    "storage_error",
-]
+__all__ = ["CheckpointError", "checkpoint_bytes", "load_checkpoint", "save_checkpoint"]
+
 
 class CheckpointError(BigBatchError, ValueError):
     """A checkpoint is missing, unreadable or not a bigbatch checkpoint."""

@@ -1,7 +1,8 @@
 """Evaluation: validation loss and top-1/top-5 error, as sums that add up over DDP processes.
 
-:func:`evaluate` is the public one-call version; the training loop uses :func:`_evaluation_sums`
-on its shard of every validation batch, reduces the sums over processes, then :func:`_val_row`.
+:func:`evaluate` is the public one-call version; the training loop calls :func:`evaluation_row`,
+which evaluates this process's shard of every validation batch, adds the sums up over processes and
+returns the row that the loop writes to ``metrics.csv``/``.jsonl``.
 (Named ``evaluation`` rather than ``evaluate`` so that the module never shadows the function
 ``bigbatch.train.evaluate``.)
 
@@ -17,15 +18,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch import distributed
 from bigbatch.errors import ConfigError
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluation_row"]
 
 
 @torch.no_grad()
@@ -100,3 +104,43 @@ def _val_row(sums: dict[str, float | int], num_classes: int) -> dict[str, float]
     if num_classes > 5:
         row["val_top5_error_pct"] = 100.0 * (1 - sums["val_correct5"] / n)
     return row
+
+
+def evaluation_row(run: Any, *, weight_distance: float, wall_time_s: float) -> dict[str, Any]:
+    """The metrics row of an evaluation now: validation loss and errors, the train averages of the
+    interval since the last evaluation, the weight distance, time and speed.
+
+    Every process calls this (it holds two collectives): ghost BN is local, so each process's
+    running statistics come from its own slices, and they are first replaced by their average over
+    processes (the same model on every process, also for the checkpoint that follows). Each process
+    then evaluates its contiguous slice of every validation batch, and the sums (not the averages)
+    are added up over processes in one collective.
+
+    Args:
+        run: the ``bigbatch.train.build.Run``.
+        weight_distance: ``||w_t - w_0||`` now.
+        wall_time_s: training time so far.
+    """
+    c, num_classes = run.state.counters, run.info.num_classes
+    distributed.average_bn_running_stats(run.state.model, run.ctx)
+    val_sums = _evaluation_sums(run.train_model, run.val_loader.iterate(0, shard=run.shard),
+                                num_classes=num_classes, autocast=run.autocast,
+                                channels_last=run.channels_last)  # fmt: skip
+    train_sums = {"loss": c.train_loss_sum, "correct": c.train_correct, "samples": c.train_samples}
+    sums = distributed.reduce_metrics({**train_sums, **val_sums}, run.ctx)
+    seen = max(sums["samples"], 1)
+    return {
+        "updates": c.updates,
+        "epoch": run.plan.epoch(c.updates),
+        "samples": c.samples,
+        "lr": run.state.lr(),
+        "train_loss": sums["loss"] / seen if sums["samples"] else math.nan,
+        "train_error_pct": 100.0 * (1 - sums["correct"] / seen) if sums["samples"] else math.nan,
+        **_val_row(sums, num_classes),
+        "weight_distance": weight_distance,
+        "wall_time_s": wall_time_s,
+        "samples_per_s": c.interval_samples / c.interval_train_time_s
+        if c.interval_train_time_s > 0
+        else math.nan,
+        "skipped_steps": c.skipped_steps,
+    }

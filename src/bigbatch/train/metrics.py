@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bigbatch.train.checkpoint import atomic_write_text, storage_error
+from bigbatch.fileio import atomic_write_text, storage_error
 
 __all__ = [
     "CSVWriter",

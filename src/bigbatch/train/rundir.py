@@ -7,9 +7,8 @@ verdict (:func:`prepare_run_dir`). The training loop (``bigbatch.train.loop``) d
 save; this module decides *what* a checkpoint and a summary hold.
 
 Example:
-    >>> c = _Counters(updates=3)
-    >>> c.updates, c.best_val_error_pct
-    (3, inf)
+    >>> fixed_keys(["progress", "batch_size"])
+    ['batch_size']
 """
 
 from __future__ import annotations
@@ -17,67 +16,48 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import bigbatch
-from bigbatch.distributed import rank_seed
+from bigbatch import distributed
 from bigbatch.errors import BigBatchError, ConfigError
+from bigbatch.fileio import atomic_write_json, atomic_write_text
 from bigbatch.layers import _cpu_kernel
 from bigbatch.machine import cpu_name
-from bigbatch.train.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    checkpoint_bytes,
-    load_checkpoint,
-    save_checkpoint,
-)
-from bigbatch.train.config import RESOLVED_KEY, RunConfig
+from bigbatch.train.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
+from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig
 from bigbatch.train.metrics import read_rows, truncate_rows
+from bigbatch.train.state import Counters, Plan, TrainState
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FORMAT",
+    "RESUME_FREE_KEYS",
+    "fixed_keys",
+    "prepare_run_dir",
+    "read_summary",
+    "restore",
+    "save",
+    "summary",
+    "write_config",
+    "write_failed_summary",
+    "write_summary",
+]
 
 log = logging.getLogger("bigbatch.train")
 
 CHECKPOINT_FORMAT = "bigbatch-checkpoint-v1"
 CHECKPOINT_DIR = "checkpoints"
-# Config keys that may differ between a run and its resume: they do not change what is computed
-# (device aside, which the user changes knowingly, e.g. to finish a GPU run on another machine).
-_RESUME_FREE_KEYS = {
-    "device",
-    "progress",
-    "num_workers",
-    "data_dir",
-    "download",
-    "checkpoint_every_minutes",
-    "eval_batch_size",
-}
 _OUTPUTS = [f"{name}{suffix}" for name in ("metrics", "diffusion") for suffix in (".csv", ".jsonl")]
-
-
-@dataclasses.dataclass
-class _Counters:
-    """Everything besides tensors that a checkpoint needs to continue exactly where it stopped."""
-
-    updates: int = 0
-    samples: int = 0
-    skipped_steps: int = 0
-    best_val_error_pct: float = math.inf
-    wall_time_s: float = 0.0
-    # train averages since the last evaluation
-    train_loss_sum: float = 0.0
-    train_correct: float = 0.0
-    train_samples: int = 0
-    interval_train_time_s: float = 0.0
-    interval_samples: int = 0
 
 
 # -- prepare, resume ------------------------------------------------------------------------------
 def prepare_run_dir(
-    run_dir: Path, config: RunConfig, *, resume: bool, auto_resume: bool, dist: Any, ctx: Any
+    run_dir: Path, config: RunConfig, *, resume: bool, auto_resume: bool, ctx: Any
 ) -> dict | None:
     """Rank 0 checks the run directory and loads the checkpoint; every process gets its verdict.
 
@@ -91,17 +71,17 @@ def prepare_run_dir(
     outcome: dict | None | BigBatchError = None
     if ctx.is_main:
         try:
-            outcome = _prepare_run_dir_main(run_dir, config, resume, auto_resume, dist)
+            outcome = _prepare_run_dir_main(run_dir, config, resume, auto_resume)
         except BigBatchError as error:
             outcome = error
-    outcome = dist.broadcast_object(outcome, ctx)
+    outcome = distributed.broadcast_object(outcome, ctx)
     if isinstance(outcome, BigBatchError):
         raise outcome
     return outcome
 
 
 def _prepare_run_dir_main(
-    run_dir: Path, config: RunConfig, resume: bool, auto_resume: bool, dist: Any
+    run_dir: Path, config: RunConfig, resume: bool, auto_resume: bool
 ) -> dict | None:
     ckpt_dir = run_dir / CHECKPOINT_DIR
     last = ckpt_dir / "last.pt"
@@ -115,7 +95,7 @@ def _prepare_run_dir_main(
         state = load_checkpoint(last, map_location="cpu")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{last} is not a {CHECKPOINT_FORMAT} checkpoint")
-        job = dist.elastic_job_id()
+        job = distributed.elastic_job_id()
         if auto_resume and state.get("elastic_job_id") != job:
             raise ConfigError(
                 f"torchrun restarted this job (TORCHELASTIC_RESTART_COUNT > 0) but "
@@ -124,7 +104,7 @@ def _prepare_run_dir_main(
             )
         saved = RunConfig.from_dict(state["config"]).to_dict()
         now = config.to_dict()
-        changed = [k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k]]
+        changed = fixed_keys(k for k in now if saved.get(k) != now[k])
         if changed:
             k = changed[0]
             raise ConfigError(
@@ -146,35 +126,27 @@ def _prepare_run_dir_main(
     return None
 
 
-def restore_state(
-    state: dict,
-    *,
-    model: nn.Module,
-    optimizer: Any,
-    weight_distance: Any,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-) -> _Counters:
-    """Load a checkpoint's model, optimizer, weight-distance origin and RNG; return its counters.
+def restore(state: TrainState, checkpoint: dict, ctx: Any) -> None:
+    """Put a checkpoint back into ``state``: model, optimizer, weight-distance origin, counters and
+    this process's random-number state.
 
     Each process gets back its own random-number state when the checkpoint has one per process
     for this world size; a job resumed on another number of processes (or from a checkpoint
     without them) reseeds each process from ``(seed, rank, updates)`` instead: deterministic, but
     not the stream the interrupted job would have drawn.
     """
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    weight_distance.load_state_dict(state["weight_distance"])
-    per_rank = state.get("rng_per_rank") or []
-    if world_size == 1:
-        _set_rng_state(state["rng"], device)
-    elif len(per_rank) == world_size:
-        _set_rng_state(per_rank[rank], device)
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.weight_distance.load_state_dict(checkpoint["weight_distance"])
+    per_rank = checkpoint.get("rng_per_rank") or []
+    if ctx.world_size == 1:
+        _set_rng_state(checkpoint["rng"], ctx.device)
+    elif len(per_rank) == ctx.world_size:
+        _set_rng_state(per_rank[ctx.rank], ctx.device)
     else:
-        seed = rank_seed(int(state["config"].get("seed", 0)), rank) + state["updates"]
-        torch.manual_seed(seed & (2**63 - 1))
-    return _Counters(**state["counters"])
+        seed = distributed.rank_seed(int(checkpoint["config"].get("seed", 0)), ctx.rank)
+        torch.manual_seed((seed + checkpoint["updates"]) & (2**63 - 1))
+    state.counters = Counters(**checkpoint["counters"])
 
 
 def truncate_outputs(run_dir: Path, updates: int) -> None:
@@ -183,62 +155,80 @@ def truncate_outputs(run_dir: Path, updates: int) -> None:
         truncate_rows(run_dir / name, updates)
 
 
+def fixed_keys(names: Any) -> list[str]:
+    """The names (sorted) of config keys that cannot change on resume (not in
+    ``RESUME_FREE_KEYS``, which :mod:`bigbatch.train.config` builds from the keys' declarations).
+
+    Example:
+        >>> fixed_keys(["device", "batch_size", "seed"])
+        ['batch_size', 'seed']
+    """
+    return sorted(k for k in names if k not in RESUME_FREE_KEYS)
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    """``summary.json``, or ``{}`` when there is none (or it cannot be read)."""
-    path = run_dir / "summary.json"
-    return _read_json(path) if path.exists() else {}
+    """``summary.json`` of the run in ``run_dir``, or ``{}`` when it is absent, torn or not a
+    table (the run is then unfinished). The one reader of summaries: the loop, the CLI, the grid.
+    """
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 # -- writing --------------------------------------------------------------------------------------
-def write_config(run_dir: Path, config: RunConfig, resolved: dict[str, Any]) -> None:
+def write_config(run_dir: Path, state: TrainState, plan: Plan) -> None:
     """``config.toml``: the config plus what was resolved from it (regimes, counts, device)."""
-    atomic_write_text(run_dir / "config.toml", config.to_toml(extra={RESOLVED_KEY: resolved}))
-
-
-def checkpoint_state(
-    *,
-    model: nn.Module,
-    optimizer: Any,
-    weight_distance: Any,
-    counters: _Counters,
-    updates_per_epoch: int,
-    num_updates: int,
-    config: RunConfig,
-    world_size: int,
-    elastic_job_id: Any,
-    rng_per_rank: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The checkpoint: a plain dict, so that ``torch.load(weights_only=True)`` accepts it.
-
-    ``rng_per_rank``: every process's :func:`rng_state`, in rank order (this, the main process's,
-    first). The checkpoint keeps rank 0's as ``rng``, and all of them under DDP.
-    """
-    return {
-        "rng_per_rank": rng_per_rank if world_size > 1 else None,
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "weight_distance": weight_distance.state_dict(),
-        "rng": rng_per_rank[0],
-        "epoch": counters.updates // updates_per_epoch,
-        "step_in_epoch": counters.updates % updates_per_epoch,
-        "updates": counters.updates,
-        "num_updates": num_updates,
-        "counters": dataclasses.asdict(counters),
-        "config": config.to_dict(),
-        "bigbatch_version": bigbatch.__version__,
-        "world_size": world_size,
-        "elastic_job_id": elastic_job_id,
+    resolved = {
+        "base_regime": plan.base_regime.to_dict(),
+        "effective_regime": plan.regime.to_dict(),
+        "dataset_size": plan.dataset_size,
+        "updates_per_epoch": plan.updates_per_epoch,
+        "num_updates": plan.num_updates,
+        "device": str(plan.device),
+        "world_size": plan.world_size,
+        "num_parameters": sum(p.numel() for p in state.model.parameters()),
     }
+    atomic_write_text(run_dir / "config.toml", plan.config.to_toml(extra={RESOLVED_KEY: resolved}))
 
 
-def write_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool) -> None:
-    """``checkpoints/last.pt`` (and ``best.pt``), serialised once."""
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    data = checkpoint_bytes(state)
-    save_checkpoint(ckpt_dir / "last.pt", data)
+def save(run_dir: Path, state: TrainState, plan: Plan, ctx: Any, *, best: bool) -> None:
+    """``checkpoints/last.pt`` (and ``best.pt``): the whole state, every process's RNG state.
+
+    Every process calls this at the same update: it gathers the random-number states (a
+    collective) so that a resume continues each process's own dropout stream; rank 0 writes.
+    """
+    rng_per_rank = distributed.gather_objects(rng_state(plan.device), ctx)
+    if not ctx.is_main:
+        return
+    data = checkpoint_bytes(_checkpoint(state, plan, rng_per_rank))
+    save_checkpoint(run_dir / CHECKPOINT_DIR / "last.pt", data)
     if best:
-        save_checkpoint(ckpt_dir / "best.pt", data)
+        save_checkpoint(run_dir / CHECKPOINT_DIR / "best.pt", data)
+
+
+def _checkpoint(state: TrainState, plan: Plan, rng_per_rank: list[dict]) -> dict[str, Any]:
+    """The checkpoint: a plain dict, so that ``torch.load(weights_only=True)`` accepts it. It
+    keeps rank 0's RNG state as ``rng``, and all of them under DDP."""
+    c = state.counters
+    return {
+        "rng_per_rank": rng_per_rank if plan.world_size > 1 else None,
+        "format": CHECKPOINT_FORMAT,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "weight_distance": state.weight_distance.state_dict(),
+        "rng": rng_per_rank[0],
+        "epoch": c.updates // plan.updates_per_epoch,
+        "step_in_epoch": c.updates % plan.updates_per_epoch,
+        "updates": c.updates,
+        "num_updates": plan.num_updates,
+        "counters": dataclasses.asdict(c),
+        "config": plan.config.to_dict(),
+        "bigbatch_version": bigbatch.__version__,
+        "world_size": plan.world_size,
+        "elastic_job_id": distributed.elastic_job_id(),
+    }
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -261,19 +251,10 @@ def write_failed_summary(run_dir: Path, config: RunConfig, updates: int, message
     )
 
 
-def summary(
-    *,
-    run_dir: Path,
-    config: RunConfig,
-    counters: _Counters,
-    epochs: float,
-    row: dict[str, Any],
-    device: torch.device,
-    world_size: int,
-    is_main: bool,
-) -> dict[str, Any]:
+def summary(run_dir: Path, counters: Counters, plan: Plan, row: dict[str, Any],
+            *, is_main: bool) -> dict[str, Any]:
     """The complete run's summary: final and best errors, speed, and the evidence beside them."""
-    c, cfg = counters, config
+    c, cfg, device = counters, plan.config, plan.device
     rows = read_rows(run_dir / "metrics.jsonl") if is_main else []
     last = rows[-1] if rows else row  # the final evaluation, also when resumed at the end
     train_time = c.wall_time_s
@@ -288,7 +269,7 @@ def summary(
         "micro_batch_size": cfg.micro_batch_size,
         "lr_scaling": cfg.lr_scaling,
         "regime_adaptation": cfg.regime_adaptation,
-        "epochs": epochs,
+        "epochs": plan.regime.epochs,
         "updates": c.updates,
         "samples": c.samples,
         "skipped_steps": c.skipped_steps,
@@ -301,7 +282,7 @@ def summary(
         "samples_per_s": c.samples / train_time if train_time > 0 else None,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "world_size": world_size,
+        "world_size": plan.world_size,
         "torch_version": torch.__version__,
         # Which ghost batch norm code ran on CPU (fused kernels or PyTorch ops): speed differs.
         # (Only asked on CPU runs: asking builds the kernels, which a GPU run never uses.)
@@ -341,10 +322,3 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}

@@ -1,0 +1,108 @@
+"""The two things a run is made of: its :class:`Plan` (fixed at set-up) and its :class:`TrainState`.
+
+The plan is what the config resolves to (the regimes, the number of updates, the device); it never
+changes during the run and ``config.toml`` records it. The state is what training changes (the
+model, the optimizer, the weight-distance origin and the :class:`Counters`); a checkpoint holds it
+whole, with every process's random-number state, and a resume puts it back
+(:mod:`bigbatch.train.rundir`).
+
+Example:
+    >>> c = Counters(updates=3)
+    >>> c.updates, c.best_val_error_pct
+    (3, inf)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigbatch.train.config import RunConfig
+
+__all__ = ["Counters", "Plan", "TrainState"]
+
+
+@dataclasses.dataclass
+class Counters:
+    """Everything besides tensors that a checkpoint needs to continue exactly where it stopped."""
+
+    updates: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    best_val_error_pct: float = math.inf
+    wall_time_s: float = 0.0
+    # train averages since the last evaluation
+    train_loss_sum: float = 0.0
+    train_correct: float = 0.0
+    train_samples: int = 0
+    interval_train_time_s: float = 0.0
+    interval_samples: int = 0
+
+    def end_interval(self, val_error_pct: float) -> bool:
+        """Start the next evaluation interval; whether ``val_error_pct`` is the best so far.
+
+        Example:
+            >>> c = Counters(train_samples=5, best_val_error_pct=10.0)
+            >>> c.end_interval(8.0), c.best_val_error_pct, c.train_samples
+            (True, 8.0, 0)
+        """
+        self.train_loss_sum = self.train_correct = 0.0
+        self.train_samples = self.interval_samples = 0
+        self.interval_train_time_s = 0.0
+        best = val_error_pct < self.best_val_error_pct
+        self.best_val_error_pct = min(self.best_val_error_pct, val_error_pct)
+        return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the run's config resolves to at set-up; fixed for the whole run.
+
+    Attributes:
+        config: the run config, with the regime written out (the model's default if none).
+        base_regime, regime: the regime before and after large-batch adaptation
+            (``bigbatch.recipes.Regime``).
+        dataset_size: training samples.
+        updates_per_epoch: the loader's batches per epoch.
+        num_updates: updates of the whole run (``recipes.num_updates``).
+        device: this process's device.
+        world_size: number of processes.
+    """
+
+    config: RunConfig
+    base_regime: Any
+    regime: Any
+    dataset_size: int
+    updates_per_epoch: int
+    num_updates: int
+    device: torch.device
+    world_size: int = 1
+
+    def epoch(self, updates: int) -> float:
+        """The fractional epoch after ``updates`` updates."""
+        return updates / self.updates_per_epoch
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What training changes, saved and restored whole (with the RNG states) by ``rundir``.
+
+    Attributes:
+        model: the plain model (not wrapped in DDP or ``torch.compile``).
+        optimizer: its optimizer.
+        weight_distance: the ``||w - w0||`` origin (``bigbatch.diagnostics.WeightDistance``).
+        counters: updates, samples, best error, wall time and the interval's sums.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    weight_distance: Any
+    counters: Counters = dataclasses.field(default_factory=Counters)
+
+    def lr(self) -> float:
+        """The learning rate of the first parameter group now."""
+        return float(self.optimizer.param_groups[0]["lr"])
