@@ -65,7 +65,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="TOML or YAML run config; flags below override its values")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (uses its "
-                        "config.toml)")
+                        "config.toml); with --epochs E, extend it to E base epochs: the last "
+                        "phase of the schedule runs on, milestones stay where they were")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in config_keys().values():
         if spec.group not in groups:
@@ -135,6 +136,25 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_reproduce)
 
 
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a run's checkpoint on its validation or test split",
+        formatter_class=_HelpFormatter,
+        description="Load RUN_DIR's best.pt (or last.pt) and print its loss and errors. In "
+                    "Python, bigbatch.load_model(RUN_DIR) returns the trained model.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `bigbatch train` run directory")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val: what the run validated on (its --held-out samples, else the test "
+                        "set); test: the test set (default: val)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="best.pt (lowest validation error; last.pt if absent) or last.pt")
+    p.add_argument("--device", default="auto", help="device (default: auto)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="dataset directory (default: the run's)")
+    p.set_defaults(handler=_cmd_eval)
+
+
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the report of a grid directory",
                        formatter_class=_HelpFormatter,
@@ -158,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
-                _add_reproduce_parser, _add_report_parser):
+                _add_reproduce_parser, _add_report_parser, _add_eval_parser):
         add(sub)
     return parser
 
@@ -189,8 +209,10 @@ def _launcher_rank() -> int:
 def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
     """The config of the run in ``run_dir``, with the resume-free ``flags`` applied."""
     from bigbatch.train.config import load_config, merge_config
-    from bigbatch.train.rundir import fixed_keys
+    from bigbatch.train.rundir import extend_config, fixed_keys
 
+    flags = dict(flags)
+    epochs = flags.pop("epochs", None)  # --epochs N extends the run (rundir.extend_config)
     fixed = fixed_keys(flags)
     if fixed:
         flag = "--" + fixed[0].replace("_", "-")
@@ -201,11 +223,13 @@ def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
         raise ConfigError(f"cannot resume {str(run_dir)!r}: {config_path} not found "
                           "(not a bigbatch run directory?)")
     remove_stale_temp_files(run_dir, run_dir / "checkpoints")
-    return merge_config(load_config(config_path), flags)
+    config = merge_config(load_config(config_path), flags)
+    return config if epochs is None else extend_config(config, epochs)
 
 
 def _new_run_dir(config: Any) -> Path:
-    """``config.out`` (or a time-stamped default), created and checked to be writable."""
+    """``config.out`` (or a time-stamped default), checked but not created: the engine creates it
+    once the run is built, so that a run that fails validation leaves no directory behind."""
     from bigbatch.distributed import under_torchrun
 
     if config.out is None and under_torchrun():
@@ -213,15 +237,13 @@ def _new_run_dir(config: Any) -> Path:
         raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
                           "restart of the job, must use the same run directory")
     run_dir = Path(config.out) if config.out is not None else _default_run_dir(config)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # One probe per process: torchrun's processes probe the same directory at once.
-        probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: it is a file; "
+                          "choose another --out")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: "
-                          f"{e.strerror or e}") from None
+                          f"{str(existing)!r} is not a writable directory")
     return run_dir
 
 
@@ -330,6 +352,19 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                         overrides=overrides or None, progress=args.progress)
     if _launcher_rank() == 0:
         print(f"grid: {grid_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from bigbatch.train.trained import evaluate_run
+
+    m = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint,
+                     device=args.device,
+                     data_dir=None if args.data_dir is None else str(args.data_dir))
+    top5 = m.get("val_top5_error_pct")
+    print(f"{args.run_dir}: {m['checkpoint']} (update {m['updates']}) on the {m['split']} split "
+          f"({m['samples']} samples): loss {m['val_loss']:.4f}, error {m['val_error_pct']:.2f}%"
+          + (f", top-5 error {top5:.2f}%" if top5 is not None else ""))
     return 0
 
 

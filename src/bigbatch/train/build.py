@@ -33,6 +33,7 @@ __all__ = [
     "build_run",
     "check_ghost_alignment",
     "check_process_split",
+    "load_weights",
     "shard_batch_size",
 ]
 
@@ -60,6 +61,42 @@ def build_model(config: RunConfig, info: Any) -> nn.Module:
 
         model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
     return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Put the weights of checkpoint ``path`` into ``model`` (``--init-from``), all or nothing.
+
+    ``path`` is a bigbatch checkpoint (its ``model`` entry is used) or a plain ``state_dict``;
+    it is read with ``torch.load(weights_only=True)``. Ghost batch norm keeps batch norm's keys,
+    so weights move between runs with and without it.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+        ConfigError: its tensors do not fit ``model`` (the message names the first key that
+            differs and both shapes).
+    """
+    from bigbatch.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    weights = state.get("model", state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        what = (f"lacks {missing[0]!r}" if missing
+                else f"has {unexpected[0]!r}, which the model lacks")
+        raise ConfigError(f"--init-from {path}: the checkpoint {what} ({len(missing)} missing, "
+                          f"{len(unexpected)} unexpected keys); it is another model's weights")
+    for name, tensor in own.items():
+        other = weights[name]
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise ConfigError(
+                f"--init-from {path}: {name!r} has shape {shape} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model; use the same model, model options and "
+                "dataset (classes, channels, image size) as the run that saved it"
+            )
+    model.load_state_dict(weights)
 
 
 @dataclasses.dataclass
@@ -241,6 +278,8 @@ def build_run(config: RunConfig, ctx: Any, run_dir: Path) -> Run:
     train_loader, val_loader, info = _loaders(config, ctx)
     plan = _plan(config, ctx, train_loader)
     model = build_model(config, info)
+    if config.init_from is not None:
+        load_weights(model, config.init_from)  # before w0 is taken: distances are from these
     # Batch sizes of an epoch (the last one is partial).
     sizes = {int(ix.numel()) for ix in train_loader.batch_indices(0)}
     _check_batch_split(config, model, sizes, ctx.world_size)

@@ -117,7 +117,8 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
     checkpoint = rundir.prepare_run_dir(
         run_dir, config, resume=resume, auto_resume=auto_resume, ctx=ctx
     )
-    if checkpoint is not None:
+    extending = checkpoint is not None and rundir.is_extension(checkpoint["config"], config)
+    if checkpoint is not None and not extending:
         done = distributed.broadcast_object(
             rundir.read_summary(run_dir) if ctx.is_main else {}, ctx
         )
@@ -125,6 +126,12 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
             log.info("%s is already complete", run_dir)
             return done
     run = build_run(config, ctx, run_dir)
+    rundir.create_run_dir(run_dir, ctx)  # only now: a run that fails to build leaves nothing
+    if extending and ctx.is_main:
+        # The run is no longer complete: config.toml now holds the extended regime, so a plain
+        # --resume continues the extension.
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        rundir.write_config(run_dir, run.state, run.plan)
     if checkpoint is not None:
         rundir.restore(run.state, checkpoint, ctx)
         c = run.state.counters

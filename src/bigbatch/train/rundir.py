@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,11 @@ from bigbatch.train.state import Counters, Plan, TrainState
 __all__ = [
     "CHECKPOINT_DIR",
     "CHECKPOINT_FORMAT",
+    "create_run_dir",
+    "extend_config",
     "RESUME_FREE_KEYS",
     "fixed_keys",
+    "is_extension",
     "prepare_run_dir",
     "read_summary",
     "restore",
@@ -68,10 +73,37 @@ def prepare_run_dir(
     Returns:
         The checkpoint to resume from, or ``None`` to start from the beginning.
     """
-    outcome: dict | None | BigBatchError = None
+    return _on_main(lambda: _prepare_run_dir_main(run_dir, config, resume, auto_resume), ctx)
+
+
+def create_run_dir(run_dir: Path, ctx: Any) -> None:
+    """Create ``run_dir/checkpoints`` and check that it is writable (rank 0; every process gets
+    the verdict). Called once the run is built: a run that fails validation leaves no directory.
+
+    Raises:
+        ConfigError: the directory cannot be created or written.
+    """
+    _on_main(lambda: _create_run_dir_main(run_dir), ctx)
+
+
+def _create_run_dir_main(run_dir: Path) -> None:
+    try:
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}"
+        ) from None
+
+
+def _on_main(fn: Callable[[], Any], ctx: Any) -> Any:
+    """``fn()`` on rank 0, its result (or its ``BigBatchError``, raised) on every process."""
+    outcome: Any = None
     if ctx.is_main:
         try:
-            outcome = _prepare_run_dir_main(run_dir, config, resume, auto_resume)
+            outcome = fn()
         except BigBatchError as error:
             outcome = error
     outcome = distributed.broadcast_object(outcome, ctx)
@@ -105,7 +137,7 @@ def _prepare_run_dir_main(
         saved = RunConfig.from_dict(state["config"]).to_dict()
         now = config.to_dict()
         changed = fixed_keys(k for k in now if saved.get(k) != now[k])
-        if changed:
+        if changed and not is_extension(state["config"], config):
             k = changed[0]
             raise ConfigError(
                 f"cannot resume {str(run_dir)!r} with a different config: {k} was "
@@ -117,13 +149,61 @@ def _prepare_run_dir_main(
         log.info("no checkpoint in %s yet: starting the run from the beginning", run_dir)
         for name in _OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot create run directory {str(run_dir)!r}: {e.strerror or e}"
-        ) from None
     return None
+
+
+def _base_regime(config: RunConfig) -> Any:
+    """The run's base regime after its ``epochs`` override (before adaptation)."""
+    from bigbatch.recipes import Regime
+    from bigbatch.train.config import base_regime_dict
+
+    base = Regime.from_dict(base_regime_dict(config))
+    return base.with_epochs(config.epochs) if config.epochs is not None else base
+
+
+def extend_config(config: RunConfig, epochs: float) -> RunConfig:
+    """The config of ``config``'s run extended to ``epochs`` (base) epochs: ``--resume --epochs``.
+
+    The extension continues the schedule's **last phase**: every milestone (and the warm-up)
+    stays at the epoch where the run had it, and the last phase's settings (lr, momentum, weight
+    decay) run on to the new end, so the updates already made are those of the extended run.
+    ``epochs`` counts base-regime epochs, as ``--epochs`` does for a new run: with regime
+    adaptation the run trains ``epochs`` x the adaptation factor. The base regime is written out
+    with the new length (``epochs`` unset), so config.toml rebuilds the extended run alone.
+
+    Raises:
+        ConfigError: ``epochs`` not beyond the run's own, or a schedule whose lr depends on its
+            length (``cosine``): extending it would change the lr of updates already made.
+
+    Example:
+        >>> cfg = RunConfig(model="f1", dataset="synthetic", epochs=2)
+        >>> extend_config(cfg, 3).regime["epochs"], extend_config(cfg, 3).epochs
+        (3.0, None)
+    """
+    base = _base_regime(config)
+    if not epochs > base.epochs:
+        raise ConfigError(f"--epochs {epochs:g} on --resume extends a run: it must exceed the "
+                          f"run's {base.epochs:g} base epochs")
+    if base.schedule != "step":
+        raise ConfigError(f"a {base.schedule!r} schedule depends on its length, so extending it "
+                          "would change the lr of updates already made; start a new run from its "
+                          "weights instead (--init-from RUN_DIR/checkpoints/last.pt)")
+    return config.replace(regime={**base.to_dict(), "epochs": float(epochs)}, epochs=None)
+
+
+def is_extension(saved: dict[str, Any], config: RunConfig) -> bool:
+    """Whether ``config`` is the run of config dict ``saved`` extended (:func:`extend_config`):
+    the same in every fixed key but the regime's length, which is longer."""
+    old = RunConfig.from_dict(saved)
+    if fixed_keys(k for k, v in old.to_dict().items()
+                  if k not in ("regime", "epochs") and config.to_dict().get(k) != v):
+        return False
+    try:
+        before, after = _base_regime(old), _base_regime(config)
+    except ConfigError:
+        return False
+    same_phases = dataclasses.replace(after, epochs=before.epochs) == before
+    return after.epochs > before.epochs and same_phases
 
 
 def restore(state: TrainState, checkpoint: dict, ctx: Any) -> None:
