@@ -50,6 +50,34 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34, width=100)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--batch`` is not ``--batch-size``): a prefix that happens to match
+    today would silently mean another flag once a longer one is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None,
+                    extras: list[str]) -> None:  # fmt: skip
+    """Exit with the usage of the subcommand the unknown arguments were given to, naming the
+    nearest flag of that subcommand (``--batchsize``: did you mean ``--batch-size``?)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    target = sub.choices.get(command, parser) if command else parser
+    flags = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.partition("=")[0], flags, n=1, cutoff=0.6)
+            hints += [f"did you mean {close[0]}?"] if close else []
+    target.error(f"unrecognized arguments: {' '.join(extras)}"
+                 + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from bigbatch.train.config import config_keys
@@ -167,15 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``bigbatch`` argument parser with all subcommands."""
     import bigbatch
 
-    parser = argparse.ArgumentParser(
-        prog="bigbatch", formatter_class=_HelpFormatter,
+    parser = _Parser(
+        prog="bigbatch",
         description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
                     "ghost batch norm, lr scaling, regime adaptation).",
         epilog="Run `bigbatch COMMAND --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
 
     for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
                 _add_reproduce_parser, _add_report_parser, _add_eval_parser):
@@ -261,6 +290,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         base = read_config_file(args.config) if args.config is not None else {}
         config = merge_config(base, flags)
         run_dir = _new_run_dir(config)
+    args.run_dir_used = run_dir  # for the interrupt message's --resume hint
     logging.getLogger("bigbatch").info("run directory: %s", run_dir)
     summary = train(config, run_dir, resume=args.resume is not None)
     if _launcher_rank() != 0:
@@ -393,10 +423,22 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue what was interrupted, naming its directory."""
+    if args.command == "reproduce":
+        return "repeat the same `bigbatch reproduce` command to finish the grid"
+    run_dir = getattr(args, "run_dir_used", None)
+    if run_dir is None:
+        return "a run continues with `bigbatch train --resume RUN_DIR`"
+    return f"continue with `bigbatch train --resume {run_dir}`"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input or divergence, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(parser, args.command, extras)
     # Under torchrun only rank 0 logs progress; the other processes still report warnings.
     quiet = args.quiet or _launcher_rank() != 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
@@ -412,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigbatch: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bigbatch: interrupted (a run continues with `bigbatch train --resume RUN_DIR`)",
-              file=sys.stderr)
+        print(f"bigbatch: interrupted ({_resume_hint(args)})", file=sys.stderr)
         return 130
 
 
