@@ -62,3 +62,69 @@ def test_the_interrupt_message_names_the_run_directory(monkeypatch, tmp_path, ca
     run = tmp_path / "run"
     assert main(["train", "--dataset", "synthetic", "--out", str(run)]) == 130
     assert f"continue with `bigbatch train --resume {run}`" in capsys.readouterr().err
+
+
+_MINI = """
+name = "mini"
+description = "a tiny grid for tests"
+[base]
+model = "f1"
+model_options = { hidden = 8, depth = 2 }
+dataset = "synthetic"
+base_batch_size = 64
+[base.regime]
+epochs = 1
+phases = [{ epoch = 0, lr = 0.1, momentum = 0.9 }]
+[grid]
+large_batch_size = 256
+ghost_batch_size = 64
+arms = ["SB", "LB"]
+"""
+
+
+def test_reproduce_set_shapes_every_run_of_the_grid(monkeypatch, tmp_path):
+    from bigbatch import reproduce
+
+    preset = tmp_path / "mini.toml"
+    preset.write_text(_MINI)
+    seen = []
+    monkeypatch.setattr(reproduce, "_train", lambda config, run_dir, *, resume: seen.append(
+        config) or {"status": "complete"})
+    monkeypatch.setattr("bigbatch.report.write_report", lambda out: (out / "r.md", out / "r.html"))
+    grid = tmp_path / "grid"
+    assert main(["-q", "reproduce", "--preset", str(preset), "--out", str(grid), "--set",
+                 "train_subset=500", "--set", "model_options.hidden=4", "--set",
+                 "large_batch_size=128"]) == 0
+    assert [(c.batch_size, c.train_subset, c.model_options["hidden"]) for c in seen] == [
+        (64, 500, 4), (128, 500, 4)]
+    record = (grid / "grid.toml").read_text()
+    assert "train_subset = 500" in record and '"model_options.hidden" = 4' in record
+
+
+def test_reproduce_set_with_a_bad_key_is_one_line_with_a_did_you_mean(tmp_path, capsys):
+    from cliout import one_error_line
+
+    assert main(["reproduce", "--preset", "demo", "--out", str(tmp_path / "g"),
+                 "--set", "train_subsett=500"]) == 2
+    assert "unknown override 'train_subsett'; did you mean 'train_subset'" in one_error_line(
+        capsys)
+    assert not (tmp_path / "g").exists()
+
+
+def test_reproduce_help_documents_the_preset_schema(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--set KEY=VALUE", "[base.regime]", "[grid]", "large_batch_size", "[evidence]"):
+        assert text in out, text
+
+
+def test_presets_lists_every_preset_with_its_description(capsys):
+    from bigbatch.reproduce import list_presets, load_preset
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(list_presets())
+    for name, line in zip(list_presets(), lines, strict=True):
+        assert line.startswith(name + " ") and line.endswith(load_preset(name)["description"])
+    assert any("f1 on fashion-mnist, batch 128 vs 4096" in line for line in lines)

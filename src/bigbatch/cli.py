@@ -142,9 +142,10 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
         description="Run every arm (SB, LB, +LR, +GBN, +RA) and seed of a preset, skipping "
                     "complete runs, then write the report.",
-        epilog="example:\n  bigbatch reproduce --preset demo --out runs/demo",
+        epilog=_reproduce_epilog(),
     )
-    p.add_argument("--preset", required=True, help="preset name (e.g. demo) or a preset TOML file")
+    p.add_argument("--preset", required=True,
+                   help="preset name (`bigbatch presets` lists them) or a preset TOML file")
     p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the preset's)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="grid directory (default: runs/<preset>)")
@@ -153,6 +154,10 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA)")
     p.add_argument("--epochs", type=float, metavar="E", help="override the base regime's epochs")
     p.add_argument("--batch-size", type=int, metavar="B", help="override the large batch size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="set any preset key (repeatable; applied last): a [grid] key, a [base] "
+                        "run key, or a dotted entry of a [base] table, e.g. --set "
+                        "train_subset=2000 --set regime.warmup_epochs=1 (VALUE is TOML)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="dataset directory for every run (default: the dataset's own)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
@@ -183,6 +188,27 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_eval)
 
 
+def _reproduce_epilog() -> str:
+    """Examples, then the preset schema as ``bigbatch.reproduce``'s docstring gives it."""
+    import bigbatch.reproduce
+
+    doc = bigbatch.reproduce.__doc__ or ""
+    start = doc.index("A preset is TOML data")
+    schema = doc[start:doc.index("``OUT/grid.toml``", start)].rstrip()
+    schema = schema.replace("``", "`").replace("::\n", ":\n")
+    return ("examples:\n  bigbatch reproduce --preset demo --out runs/demo\n"
+            "  bigbatch reproduce --preset demo --seeds 1 --set train_subset=4000 "
+            "--set ghost_batch_size=64\n  bigbatch presets   # the shipped presets\n\n"
+            f"{schema}\n")
+
+
+def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the shipped presets of `bigbatch reproduce`",
+                       description="List the presets `bigbatch reproduce --preset NAME` reads, "
+                                   "with their grid and description.")
+    p.set_defaults(handler=_cmd_presets)
+
+
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the report of a grid directory",
                        formatter_class=_HelpFormatter,
@@ -207,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
 
     for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
-                _add_reproduce_parser, _add_report_parser, _add_eval_parser):
+                _add_reproduce_parser, _add_presets_parser, _add_report_parser,
+                _add_eval_parser):
         add(sub)
     return parser
 
@@ -379,7 +406,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         overrides["download"] = args.download
     out = args.out if args.out is not None else Path("runs") / Path(args.preset).stem
     grid_dir = run_grid(args.preset, out, seeds=args.seeds, arms=args.arms, device=args.device,
-                        overrides=overrides or None, progress=args.progress)
+                        overrides=overrides or None, progress=args.progress,
+                        settings=args.settings)
     if _launcher_rank() == 0:
         print(f"grid: {grid_dir}")
     return 0
@@ -395,6 +423,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.run_dir}: {m['checkpoint']} (update {m['updates']}) on the {m['split']} split "
           f"({m['samples']} samples): loss {m['val_loss']:.4f}, error {m['val_error_pct']:.2f}%"
           + (f", top-5 error {top5:.2f}%" if top5 is not None else ""))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from bigbatch.reproduce import list_presets, load_preset
+
+    rows = []
+    for name in list_presets():
+        preset = load_preset(name)
+        base, grid = preset["base"], preset["grid"]
+        what = (f"{base.get('model', 'f1')} on {base.get('dataset', 'fashion-mnist')}, batch "
+                f"{base.get('base_batch_size', 128)} vs {grid['large_batch_size']}")
+        rows.append((name, what, preset["description"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, what, description in rows:
+        print(f"{name:<{widths[0]}}  {what:<{widths[1]}}  {description}")
     return 0
 
 

@@ -17,7 +17,7 @@ A preset is TOML data (``src/bigbatch/presets/<name>.toml``), read as data, neve
     description = "..."           # optional; one line on what the preset shows
     [base]                        # RunConfig keys shared by all arms (config-file names:
                                   # model, dataset, train_subset, base_batch_size, epochs,
-                                  # clip_grad_norm ...) except those each arm sets itself:
+                                  # clip ...) except those each arm sets itself:
                                   # batch_size, seed, lr_scaling, ghost_batch_size and
                                   # regime_adaptation
     [base.regime]                 # optional: the base regime (else the model's default):
@@ -233,10 +233,14 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
         return None
     old = tomllib.loads(path.read_text(encoding="utf-8"))
     # Keys that may change between two calls on the same grid: they do not change results.
-    from bigbatch.train.config import RESUME_FREE_KEYS
+    from bigbatch.train.config import RENAMED_KEYS, RESUME_FREE_KEYS
 
-    old_base = {k: v for k, v in old.get("base", {}).items() if k not in RESUME_FREE_KEYS}
-    new_base = {k: v for k, v in drop_none(preset["base"]).items() if k not in RESUME_FREE_KEYS}
+    def comparable(base: Mapping[str, Any]) -> dict[str, Any]:
+        # A key under its old name (clip_grad_norm, now clip) is the same setting.
+        return {RENAMED_KEYS.get(k, k): v for k, v in drop_none(dict(base)).items()
+                if RENAMED_KEYS.get(k, k) not in RESUME_FREE_KEYS}
+
+    old_base, new_base = comparable(old.get("base", {})), comparable(preset["base"])
     diffs = [
         f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
         for k in sorted(set(old_base) | set(new_base))
@@ -284,6 +288,7 @@ def run_grid(
     device: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     progress: str = "auto",
+    settings: list[str] | None = None,
 ) -> Path:
     """Run (or finish) a preset's grid into ``out_dir`` and write its report.
 
@@ -303,6 +308,7 @@ def run_grid(
             ``train_subset`` ...) go to [base]; ``large_batch_size``, ``ghost_batch_size`` and
             ``lr_scaling`` to [grid]. ``None`` values are ignored.
         progress: the engine's progress mode for each run (``auto``, ``bar``, ``log``, ``none``).
+        settings: ``KEY=VALUE`` assignments (``--set``), applied last by :func:`apply_settings`.
 
     Returns:
         ``out_dir`` as a Path.
@@ -315,7 +321,8 @@ def run_grid(
     original = load_preset(preset)
     changes = {**(overrides or {}), "seeds": seeds, "arms": arms, "device": device,
                "progress": progress}  # fmt: skip
-    resolved = _apply_overrides(original, changes)
+    resolved = apply_settings(_apply_overrides(original, changes), list(settings or []))
+    overrides = {**(overrides or {}), **dict(parse_assignment(a) for a in settings or [])}
     old = _check_same_grid(out_dir, resolved)
     from bigbatch.distributed import launcher_rank
 
