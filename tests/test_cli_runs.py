@@ -144,3 +144,23 @@ def test_load_model_returns_the_trained_model_in_eval_mode(finished):
         assert all(torch.equal(v, saved[k]) for k, v in last.state_dict().items())
     finally:
         (finished / "checkpoints/best.pt.away").rename(finished / "checkpoints/best.pt")
+
+
+def test_one_throughput_everywhere_summary_report_and_rounding(finished):
+    from bigbatch.report.grid import _read_run
+    from bigbatch.report.stats import train_samples_per_s
+
+    summary = json.loads((finished / "summary.json").read_text())
+    run = _read_run("SB", 0, finished)
+    # The report reads the summary's value; from the metrics rows alone (a summary before 0.2)
+    # it computes the same definition: training samples per second of training time.
+    assert train_samples_per_s(run) == summary["train_samples_per_s"]
+    run.summary = {k: v for k, v in summary.items() if k != "train_samples_per_s"}
+    assert train_samples_per_s(run) == pytest.approx(summary["train_samples_per_s"], rel=1e-3)
+    assert summary["train_samples_per_s"] == pytest.approx(
+        summary["samples"] / summary["train_time_s"], rel=1e-3)
+    assert summary["train_time_s"] <= summary["wall_time_s"]  # evaluation excluded
+    # Rounded to what they mean: 4 decimals for errors, 4 significant digits for times and rates.
+    assert summary["final_val_error_pct"] == round(summary["final_val_error_pct"], 4)
+    rate = summary["train_samples_per_s"]
+    assert f"{rate:.4g}" == f"{rate:g}" or float(f"{rate:.4g}") == rate

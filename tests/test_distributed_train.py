@@ -72,7 +72,7 @@ CLI_ARGS = ["--model", "f1", "--model-option", "hidden=16", "--dataset", "synthe
             "--batch-size", "32", "--ghost-batch-size", "8", "--epochs", "3", "--eval-every", "32",
             "--device", "cpu", "--seed", "0", "--progress", "log"]
 EVAL_UPDATES = [32, 64, 96, 128, 160, 192]
-TIMING_KEYS = {"wall_time_s", "samples_per_s"}
+TIMING_KEYS = {"wall_time_s", "samples_per_s", "train_time_s", "train_samples_per_s"}
 # Identical in exact arithmetic; DDP adds the two halves' gradients in another order.
 PARAM_TOL = {"rtol": 1e-4, "atol": 1e-5}
 

@@ -325,7 +325,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{run_dir}: final val error {summary['final_val_error_pct']:.2f}% "
         f"(best {summary['best_val_error_pct']:.2f}%) after {summary['updates']} updates, "
-        f"{summary['wall_time_s']:.1f} s"
+        f"{summary['wall_time_s']:.1f} s ({summary['train_samples_per_s']:.0f} train samples/s, "
+        "evaluation excluded)"
     )
     return 0
 

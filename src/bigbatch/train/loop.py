@@ -290,7 +290,7 @@ def _evaluate(run: Run, metrics: MetricsLogger | None, diffusion: MetricsLogger 
         f"update {c.updates}/{run.plan.num_updates} (epoch {row['epoch']:.2f}): "
         f"train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
         f"val error {row['val_error_pct']:.2f}%, lr {row['lr']:.4g}, "
-        f"|w-w0| {distance:.3f}, {row['samples_per_s']:.0f} samples/s"
+        f"|w-w0| {distance:.3f}, {row['samples_per_s']:.0f} train samples/s"
     )
     _save(run, clock, best=best)
     return row

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import bigbatch
 from bigbatch import distributed
 from bigbatch.errors import BigBatchError, ConfigError
 from bigbatch.fileio import atomic_write_json, atomic_write_text
-from bigbatch.layers import _cpu_kernel
+from bigbatch.layers import backend_summary
 from bigbatch.machine import cpu_name
 from bigbatch.train.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig
@@ -337,8 +338,8 @@ def summary(run_dir: Path, counters: Counters, plan: Plan, row: dict[str, Any],
     c, cfg, device = counters, plan.config, plan.device
     rows = read_rows(run_dir / "metrics.jsonl") if is_main else []
     last = rows[-1] if rows else row  # the final evaluation, also when resumed at the end
-    train_time = c.wall_time_s
-    return {
+    train_time = c.train_time_s + c.interval_train_time_s
+    return _rounded({
         "status": "complete",
         "seed": cfg.seed,
         "model": cfg.model,
@@ -358,20 +359,36 @@ def summary(run_dir: Path, counters: Counters, plan: Plan, row: dict[str, Any],
         "best_val_error_pct": c.best_val_error_pct,
         "final_train_error_pct": last.get("train_error_pct"),
         "final_weight_distance": last.get("weight_distance"),
-        "wall_time_s": train_time,
-        "samples_per_s": c.samples / train_time if train_time > 0 else None,
+        "wall_time_s": c.wall_time_s,
+        "train_time_s": train_time,
+        "train_samples_per_s": c.samples / train_time if train_time > 0 else None,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "world_size": plan.world_size,
         "torch_version": torch.__version__,
-        # Which ghost batch norm code ran on CPU (fused kernels or PyTorch ops): speed differs.
-        # (Only asked on CPU runs: asking builds the kernels, which a GPU run never uses.)
-        "ghost_bn_cpu_kernel": (
-            _cpu_kernel.status() if cfg.ghost_batch_size and device.type == "cpu" else None
-        ),
+        # Which ghost batch norm code ran (C kernels, Triton, PyTorch ops, and why): speed differs.
+        "ghost_bn_backend": backend_summary(device) if cfg.ghost_batch_size else None,
         "bigbatch_version": bigbatch.__version__,
         "git_commit": _git_commit(),
-    }
+    })
+
+
+def _rounded(summary: dict[str, Any]) -> dict[str, Any]:
+    """Floats to what they mean: errors (``*_pct``) to 4 decimals, times, rates and the weight
+    distance to 4 significant digits, other floats (epochs) to 6 significant digits.
+
+    Example:
+        >>> _rounded({"epochs": 1.4800000000000035, "wall_time_s": 12.34567, "x_pct": 1 / 3})
+        {'epochs': 1.48, 'wall_time_s': 12.35, 'x_pct': 0.3333}
+    """
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, float) and math.isfinite(value) and value != 0:
+            digits = 4 if key.endswith(("_s", "_distance")) else 6
+            value = (round(value, 4) if key.endswith("_pct")
+                     else round(value, digits - 1 - math.floor(math.log10(abs(value)))))
+        out[key] = value
+    return out
 
 
 # -- helpers --------------------------------------------------------------------------------------
