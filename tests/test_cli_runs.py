@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,31 @@ def test_one_throughput_everywhere_summary_report_and_rounding(finished):
     assert summary["final_val_error_pct"] == round(summary["final_val_error_pct"], 4)
     rate = summary["train_samples_per_s"]
     assert f"{rate:.4g}" == f"{rate:g}" or float(f"{rate:.4g}") == rate
+
+
+def test_questionable_settings_warn_in_one_line_and_the_schedule_is_printed(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bigbatch")
+    assert main(["train", *TINY[:-2], "--batch-size", "4096", "--train-subset", "2000",
+                 "--epochs", "1", "--out", str(tmp_path / "big")]) == 0
+    err = "\n".join(caplog.messages)
+    caplog.clear()
+    assert ("batch_size=4096 is larger than the training set: each epoch is one update of all "
+            "2000 samples") in err
+    assert "schedule: 1 epoch, 1 update of batch 4096 (1 per epoch); lr 0.1 from epoch 0, " in err
+    assert "--epochs 1 rescaled the 50-epoch base regime: every milestone moved by x0.02" in err
+    # 512 = 5 x 100 + 12: a last ghost batch of 12 (under half of 100) warns; 64 = 40 + 24 does not
+    assert main(["train", *TINY[:-2], "--batch-size", "512", "--ghost-batch-size", "100",
+                 "--train-subset", "1024", "--epochs", "1", "--out", str(tmp_path / "g")]) == 0
+    lines = [m for m in caplog.messages if "ghost" in m]
+    caplog.clear()
+    assert lines == ["a batch of 512 samples in ghost batches of 100 leaves a last ghost batch of "
+                     "12 (under half of 100): its batch statistics are much noisier; choose a "
+                     "ghost size that divides 512"]
+    assert main(["-q", "train", *TINY[:-2], "--batch-size", "64", "--ghost-batch-size", "40",
+                 "--train-subset", "128", "--epochs", "1", "--out", str(tmp_path / "ok")]) == 0
+    assert not [m for m in caplog.messages if "ghost" in m]
+
+
+def test_regime_uses_the_dataset_train_defaults_to(capsys):
+    assert main(["regime", "--model", "f1", "--batch-size", "4096"]) == 0
+    assert capsys.readouterr().out.startswith("f1 on fashion-mnist (60000 training samples)")

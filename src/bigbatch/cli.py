@@ -120,7 +120,7 @@ def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="registered model")
     p.add_argument("--batch-size", type=int, required=True, metavar="B", help="large batch size")
-    p.add_argument("--dataset", help="dataset (default: the model's)")
+    p.add_argument("--dataset", help="dataset (default: fashion-mnist, as `bigbatch train`)")
     p.add_argument("--dataset-size", type=int, metavar="N",
                    help="training samples (default: --train-subset or the dataset's size)")
     add_key_flags(p.add_argument_group("regime"), _REGIME_KEYS)
@@ -372,7 +372,8 @@ def _cmd_regime(args: argparse.Namespace) -> int:
     from bigbatch.recipes import format_adaptation_table
     from bigbatch.train.config import RunConfig, resolve_regime
 
-    dataset = args.dataset or models.get_spec(args.model).default_dataset
+    models.get_spec(args.model)  # an unknown model fails first, with a did-you-mean
+    dataset = args.dataset or RunConfig().dataset  # the dataset `train` would use
     keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
     config = RunConfig.from_dict({**keys, **key_values(args, _REGIME_KEYS)})
     size = _dataset_size(args, dataset)

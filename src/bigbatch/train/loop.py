@@ -47,7 +47,13 @@ import torch
 from bigbatch import distributed
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.train import rundir
-from bigbatch.train.build import Run, build_model, build_run, check_process_split
+from bigbatch.train.build import (
+    Run,
+    build_model,
+    build_run,
+    check_process_split,
+    schedule_lines,
+)
 from bigbatch.train.config import RunConfig, base_regime_dict
 from bigbatch.train.evaluation import evaluate, evaluation_row
 from bigbatch.train.metrics import MetricsLogger
@@ -127,6 +133,9 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
             return done
     run = build_run(config, ctx, run_dir)
     rundir.create_run_dir(run_dir, ctx)  # only now: a run that fails to build leaves nothing
+    if ctx.is_main:
+        for line in schedule_lines(run.plan):  # what --epochs made of the regime, before it runs
+            log.info("%s", line)
     if extending and ctx.is_main:
         # The run is no longer complete: config.toml now holds the extended regime, so a plain
         # --resume continues the extension.
