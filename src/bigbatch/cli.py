@@ -1,4 +1,5 @@
-"""Command-line interface: ``bigbatch train | models | regime | download | reproduce | report``.
+"""Command-line interface: ``bigbatch train | eval | models | regime | download | reproduce |
+presets | report``; the handlers are in :mod:`bigbatch.commands`.
 
 ``main(argv)`` returns an exit code. Errors caused by the user's input (bigbatch's own exception
 types, and ``ValueError`` raised inside bigbatch, e.g. by a ghost batch norm layer) are printed as
@@ -9,17 +10,15 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from bigbatch.errors import BigBatchError, ConfigError
-from bigbatch.fileio import remove_stale_temp_files
-from bigbatch.flags import add_key_flags, key_values
+from bigbatch import commands
+from bigbatch.errors import BigBatchError
+from bigbatch.flags import add_key_flags
 
 __all__ = ["build_parser", "main"]
 
@@ -100,13 +99,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         if spec.group not in groups:
             groups[spec.group] = p.add_argument_group(spec.group)
     add_key_flags(groups)
-    p.set_defaults(handler=_cmd_train)
+    p.set_defaults(handler=commands.cmd_train)
 
 
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
                        description="List registered models with their default dataset and regime.")
-    p.set_defaults(handler=_cmd_models)
+    p.set_defaults(handler=commands.cmd_models)
 
 
 def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
@@ -123,8 +122,8 @@ def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset (default: fashion-mnist, as `bigbatch train`)")
     p.add_argument("--dataset-size", type=int, metavar="N",
                    help="training samples (default: --train-subset or the dataset's size)")
-    add_key_flags(p.add_argument_group("regime"), _REGIME_KEYS)
-    p.set_defaults(handler=_cmd_regime)
+    add_key_flags(p.add_argument_group("regime"), commands.REGIME_KEYS)
+    p.set_defaults(handler=commands.cmd_regime)
 
 
 def _add_download_parser(sub: argparse._SubParsersAction) -> None:
@@ -133,7 +132,7 @@ def _add_download_parser(sub: argparse._SubParsersAction) -> None:
                        description="Download a dataset's files and verify their SHA-256.")
     p.add_argument("name", help="dataset name, e.g. fashion-mnist, cifar10")
     p.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="where to put it")
-    p.set_defaults(handler=_cmd_download)
+    p.set_defaults(handler=commands.cmd_download)
 
 
 def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
@@ -166,7 +165,7 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
     p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
                    help="progress display of each run")
-    p.set_defaults(handler=_cmd_reproduce)
+    p.set_defaults(handler=commands.cmd_reproduce)
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -185,7 +184,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="device (default: auto)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="dataset directory (default: the run's)")
-    p.set_defaults(handler=_cmd_eval)
+    p.set_defaults(handler=commands.cmd_eval)
 
 
 def _reproduce_epilog() -> str:
@@ -206,7 +205,7 @@ def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the shipped presets of `bigbatch reproduce`",
                        description="List the presets `bigbatch reproduce --preset NAME` reads, "
                                    "with their grid and description.")
-    p.set_defaults(handler=_cmd_presets)
+    p.set_defaults(handler=commands.cmd_presets)
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -214,7 +213,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=_HelpFormatter,
                        description="Write report.md and report.html for a `reproduce` grid.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="grid directory")
-    p.set_defaults(handler=_cmd_report)
+    p.set_defaults(handler=commands.cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,219 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_eval_parser):
         add(sub)
     return parser
-
-
-# -- train ----------------------------------------------------------------------------------------
-# The keys `bigbatch regime` takes besides --model, --dataset and --batch-size.
-_REGIME_KEYS = ("train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
-                "warmup_epochs", "epochs", "regime")
-
-
-def _default_run_dir(config: Any) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    ghost = f"-g{config.ghost_batch_size}" if config.ghost_batch_size else ""
-    return Path("runs") / (
-        f"{config.model}-{config.dataset}-b{config.batch_size}{ghost}-s{config.seed}-{stamp}"
-    )
-
-
-def _launcher_rank() -> int:
-    """torchrun's rank of this process, 0 outside torchrun (where torch is not imported for it)."""
-    if "RANK" not in os.environ:
-        return 0
-    from bigbatch.distributed import launcher_rank
-
-    return launcher_rank()
-
-
-def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
-    """The config of the run in ``run_dir``, with the resume-free ``flags`` applied."""
-    from bigbatch.train.config import load_config, merge_config
-    from bigbatch.train.rundir import extend_config, fixed_keys
-
-    flags = dict(flags)
-    epochs = flags.pop("epochs", None)  # --epochs N extends the run (rundir.extend_config)
-    fixed = fixed_keys(flags)
-    if fixed:
-        flag = "--" + fixed[0].replace("_", "-")
-        raise ConfigError(f"{flag} cannot change on --resume (RUN_DIR/config.toml fixes it); "
-                          "start a new run to change it")
-    config_path = run_dir / "config.toml"
-    if not config_path.is_file():
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: {config_path} not found "
-                          "(not a bigbatch run directory?)")
-    remove_stale_temp_files(run_dir, run_dir / "checkpoints")
-    config = merge_config(load_config(config_path), flags)
-    return config if epochs is None else extend_config(config, epochs)
-
-
-def _new_run_dir(config: Any) -> Path:
-    """``config.out`` (or a time-stamped default), checked but not created: the engine creates it
-    once the run is built, so that a run that fails validation leaves no directory behind."""
-    from bigbatch.distributed import under_torchrun
-
-    if config.out is None and under_torchrun():
-        # A time-stamped default would differ between processes (and elastic restarts).
-        raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
-                          "restart of the job, must use the same run directory")
-    run_dir = Path(config.out) if config.out is not None else _default_run_dir(config)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: it is a file; "
-                          "choose another --out")
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: "
-                          f"{str(existing)!r} is not a writable directory")
-    return run_dir
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from bigbatch.train.config import config_keys, merge_config, read_config_file
-    from bigbatch.train.loop import train
-
-    flags = key_values(args, config_keys())
-    if args.resume is not None:
-        if args.config is not None or "out" in flags:
-            raise ConfigError("--resume RUN_DIR takes the config and the output dir from "
-                              "RUN_DIR; drop --config/--out")
-        config, run_dir = _resumed_config(args.resume, flags), args.resume
-    else:
-        base = read_config_file(args.config) if args.config is not None else {}
-        config = merge_config(base, flags)
-        run_dir = _new_run_dir(config)
-    args.run_dir_used = run_dir  # for the interrupt message's --resume hint
-    logging.getLogger("bigbatch").info("run directory: %s", run_dir)
-    summary = train(config, run_dir, resume=args.resume is not None)
-    if _launcher_rank() != 0:
-        return 0  # under torchrun rank 0 reports for the job
-    print(
-        f"{run_dir}: final val error {summary['final_val_error_pct']:.2f}% "
-        f"(best {summary['best_val_error_pct']:.2f}%) after {summary['updates']} updates, "
-        f"{summary['wall_time_s']:.1f} s ({summary['train_samples_per_s']:.0f} train samples/s, "
-        "evaluation excluded)"
-    )
-    return 0
-
-
-# -- models, regime, download ---------------------------------------------------------------------
-def _regime_summary(regime: dict[str, Any]) -> str:
-    phases = regime.get("phases", [])
-    lrs = " -> ".join(
-        f"{p['lr']:g}" + (f"@{p['epoch']:g}" if i else "")
-        for i, p in enumerate(phases)
-        if "lr" in p
-    )
-    return f"{regime.get('optimizer', 'SGD')} {regime.get('epochs', '?'):g} ep, lr {lrs}"
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from bigbatch import models
-
-    rows = [("model", "dataset", "regime", "clip", "description")]
-    for name in models.names():
-        spec = models.get_spec(name)
-        clip = "-" if spec.default_clip_grad_norm is None else f"{spec.default_clip_grad_norm:g}"
-        rows.append((name, spec.default_dataset, _regime_summary(spec.default_regime), clip,
-                     spec.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
-    return 0
-
-
-def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
-    if args.dataset_size is not None:
-        return args.dataset_size
-    if args.train_subset is not None:
-        return args.train_subset
-    from bigbatch import data
-
-    return data.get_info(dataset).num_train
-
-
-def _cmd_regime(args: argparse.Namespace) -> int:
-    from bigbatch import models
-    from bigbatch.recipes import format_adaptation_table
-    from bigbatch.train.config import RunConfig, resolve_regime
-
-    models.get_spec(args.model)  # an unknown model fails first, with a did-you-mean
-    dataset = args.dataset or RunConfig().dataset  # the dataset `train` would use
-    keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
-    config = RunConfig.from_dict({**keys, **key_values(args, _REGIME_KEYS)})
-    size = _dataset_size(args, dataset)
-    before, after = resolve_regime(config, size)
-    print(f"{config.model} on {dataset} ({size} training samples), lr scaling "
-          f"{config.lr_scaling}, regime adaptation {config.regime_adaptation}")
-    print(format_adaptation_table(before, after, base_batch_size=config.base_batch_size,
-                                  batch_size=config.batch_size, dataset_size=size))
-    return 0
-
-
-def _cmd_download(args: argparse.Namespace) -> int:
-    from bigbatch import data
-
-    path = data.download(args.name, args.data_dir)
-    print(f"{args.name}: verified files in {path}")
-    return 0
-
-
-# -- reproduce, report (issue 5's modules, imported when used) -------------------------------------
-def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from bigbatch.reproduce import run_grid
-
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.batch_size is not None:
-        overrides["large_batch_size"] = args.batch_size
-    if args.data_dir is not None:
-        overrides["data_dir"] = str(args.data_dir)
-    if args.download is not None:
-        overrides["download"] = args.download
-    out = args.out if args.out is not None else Path("runs") / Path(args.preset).stem
-    grid_dir = run_grid(args.preset, out, seeds=args.seeds, arms=args.arms, device=args.device,
-                        overrides=overrides or None, progress=args.progress,
-                        settings=args.settings)
-    if _launcher_rank() == 0:
-        print(f"grid: {grid_dir}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from bigbatch.train.trained import evaluate_run
-
-    m = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint,
-                     device=args.device,
-                     data_dir=None if args.data_dir is None else str(args.data_dir))
-    top5 = m.get("val_top5_error_pct")
-    print(f"{args.run_dir}: {m['checkpoint']} (update {m['updates']}) on the {m['split']} split "
-          f"({m['samples']} samples): loss {m['val_loss']:.4f}, error {m['val_error_pct']:.2f}%"
-          + (f", top-5 error {top5:.2f}%" if top5 is not None else ""))
-    return 0
-
-
-def _cmd_presets(args: argparse.Namespace) -> int:
-    from bigbatch.reproduce import list_presets, load_preset
-
-    rows = []
-    for name in list_presets():
-        preset = load_preset(name)
-        base, grid = preset["base"], preset["grid"]
-        what = (f"{base.get('model', 'f1')} on {base.get('dataset', 'fashion-mnist')}, batch "
-                f"{base.get('base_batch_size', 128)} vs {grid['large_batch_size']}")
-        rows.append((name, what, preset["description"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    for name, what, description in rows:
-        print(f"{name:<{widths[0]}}  {what:<{widths[1]}}  {description}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from bigbatch.report import write_report
-
-    md_path, html_path = write_report(args.run_dir)
-    print(f"report: {md_path} and {html_path}")
-    return 0
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -486,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         _refuse_unknown(parser, args.command, extras)
     # Under torchrun only rank 0 logs progress; the other processes still report warnings.
-    quiet = args.quiet or _launcher_rank() != 0
+    quiet = args.quiet or commands.launcher_rank() != 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
