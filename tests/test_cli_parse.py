@@ -128,3 +128,36 @@ def test_presets_lists_every_preset_with_its_description(capsys):
     for name, line in zip(list_presets(), lines, strict=True):
         assert line.startswith(name + " ") and line.endswith(load_preset(name)["description"])
     assert any("f1 on fashion-mnist, batch 128 vs 4096" in line for line in lines)
+
+
+def test_reproduce_shows_one_display_for_the_grid_and_quiet_runs(monkeypatch, tmp_path, capsys):
+    preset = tmp_path / "mini.toml"
+    preset.write_text(_MINI)
+    monkeypatch.setattr("bigbatch.report.write_report", lambda out: (out / "r.md", out / "r.html"))
+    grid = tmp_path / "grid"
+    args = ["reproduce", "--preset", str(preset), "--out", str(grid), "--device", "cpu",
+            "--set", "train_subset=512", "--progress", "bar"]
+    assert main(["-q", *args, "--arms", "SB"]) == 0  # one run done before: counted, not timed
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] SB            seed 0: already complete" in err
+    assert "[2/2] LB            seed 0: done, val error " in err
+    assert "grid: runs 1/2 done,  50%" in err and "grid: runs 2/2 done, 100%" in err
+    assert " left]" in err
+    # the runs themselves are quiet: no bar or evaluation line of their own
+    assert "upd/s" not in err and "(epoch " not in err and "schedule:" not in err
+
+
+def test_grid_progress_counts_finished_runs_as_done_work():
+    import logging
+
+    from bigbatch.train.progress import GridProgress
+
+    display = GridProgress([1.0, 32.0, 2.0], [True, False, False], "bar", logging.getLogger("t"))
+    bar = display._bar
+    assert (bar.n, bar.total) == (1.0, 35.0) and display.quiet_runs
+    display.finished(32.0, "x")
+    assert bar.n == 33.0 and bar.desc == "grid: runs 2/3 done,"
+    display.close()
+    assert not GridProgress([1.0], [False], "log", logging.getLogger("t")).quiet_runs

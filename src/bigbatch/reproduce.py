@@ -337,8 +337,12 @@ def run_grid(
 
     plan = [(seed, arm) for seed in resolved["grid"]["seeds"] for arm in resolved["grid"]["arms"]]
     started = time.perf_counter()
-    for index, (seed, arm) in enumerate(plan, 1):
-        _run_one(resolved, out_dir, arm, seed, f"[{index}/{len(plan)}]")
+    display = _grid_progress(resolved, out_dir, plan, progress if is_main else "none")
+    try:
+        for index, (seed, arm) in enumerate(plan, 1):
+            _run_one(resolved, out_dir, arm, seed, f"[{index}/{len(plan)}]", display)
+    finally:
+        display.close()
     if not is_main:
         return out_dir
     from bigbatch.report import write_report
@@ -395,27 +399,50 @@ def _write_record(out_dir: Path, original: dict[str, Any], resolved: dict[str, A
     atomic_write_text(out_dir / "grid.toml", tomli_w.dumps(record))
 
 
-def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step: str) -> None:
-    """Run, resume or skip one (arm, seed) of the grid; a divergence is logged, not raised."""
+def _grid_progress(resolved: dict[str, Any], out_dir: Path, plan: list[tuple[int, str]],
+                   progress: str):  # fmt: skip
+    """The grid's display (:class:`~bigbatch.train.progress.GridProgress`): each run weighs its
+    effective epochs; finished runs (complete or diverged) count as done."""
+    from bigbatch.train.config import resolve_regime
+    from bigbatch.train.progress import GridProgress, resolve_progress_mode
+    from bigbatch.train.rundir import read_summary
+
+    configs = {seed: arm_configs(resolved, seed) for seed in resolved["grid"]["seeds"]}
+    weights = [resolve_regime(configs[seed][arm], 1)[1].epochs for seed, arm in plan]
+    done = [read_summary(out_dir / ARM_SLUGS[arm] / f"seed{seed}").get("status")
+            in ("complete", "diverged") for seed, arm in plan]  # fmt: skip
+    return GridProgress(weights, done, resolve_progress_mode(progress), log)
+
+
+def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step: str,
+             display: Any) -> None:  # fmt: skip
+    """Run, resume or skip one (arm, seed) of the grid; a divergence is reported, not raised."""
+    from bigbatch.train.config import resolve_regime
     from bigbatch.train.rundir import read_summary
 
     run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
     previous = read_summary(run_dir)
     status = previous.get("status")
     if status == "complete":
-        log.info("%s %s", step, _one_line(arm, seed, previous, "already complete"))
+        display.message(f"{step} {_one_line(arm, seed, previous, 'already complete')}")
         return
     if status == "diverged":
-        log.info("%s %s seed %d: diverged earlier (%s); kept, not retried (delete %s to retry)",
-                 step, arm, seed, previous.get("message", "?"), run_dir)  # fmt: skip
+        display.message(f"{step} {arm} seed {seed}: diverged earlier "
+                        f"({previous.get('message', '?')}); kept, not retried (delete {run_dir} "
+                        "to retry)")
         return
     config = arm_configs(resolved, seed)[arm]
+    weight = resolve_regime(config, 1)[1].epochs
     resume = run_dir.exists()  # the engine restarts a run dir without a checkpoint cleanly
-    log.info("%s %s seed %d: %s %s", step, arm, seed,
-             "resuming" if resume else "running", run_dir)  # fmt: skip
+    if display.quiet_runs:  # under the grid's bar: no bar and no log lines of the run's own
+        config = config.replace(progress="none")
+    else:
+        log.info("%s %s seed %d: %s %s", step, arm, seed,
+                 "resuming" if resume else "running", run_dir)  # fmt: skip
     try:
-        summary = _train(config, run_dir, resume=resume)
+        with display.quiet():
+            summary = _train(config, run_dir, resume=resume)
     except DivergenceError as e:
-        log.warning("%s %s seed %d diverged: %s", step, arm, seed, e)
+        display.finished(weight, f"{step} {arm} seed {seed} diverged: {e}", warning=True)
         return
-    log.info("%s %s", step, _one_line(arm, seed, summary, "done"))
+    display.finished(weight, f"{step} {_one_line(arm, seed, summary, 'done')}")
