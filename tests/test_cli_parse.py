@@ -161,3 +161,15 @@ def test_grid_progress_counts_finished_runs_as_done_work():
     assert bar.n == 33.0 and bar.desc == "grid: runs 2/3 done,"
     display.close()
     assert not GridProgress([1.0], [False], "log", logging.getLogger("t")).quiet_runs
+
+
+def test_the_readme_and_docs_stand_alone():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        assert "../shared" not in text, page
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative links
+            assert (page.parent / target).exists(), (page.name, target)
