@@ -164,7 +164,8 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from bigbatch.train.config import config_keys
 
     p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
-                   help="progress display of each run")
+                   help="bar: one display for the whole grid (runs done, time left), the runs "
+                        "quiet; log: every run's own log lines; auto: bar on a terminal, else log")
     p.set_defaults(handler=commands.cmd_reproduce)
 
 
