@@ -184,7 +184,8 @@ def test_sharded_evaluation_equals_full_evaluation(ddp_run):
     summaries = [json.loads((ddp_run / f"summary_rank{r}.json").read_text())
                  for r in range(WORLD_SIZE)]
     assert summaries[0]["final_val_error_pct"] == summaries[1]["final_val_error_pct"]
-    assert summaries[0]["final_val_error_pct"] == pytest.approx(full["val_error_pct"])
+    # summary.json rounds errors to 4 decimals
+    assert summaries[0]["final_val_error_pct"] == pytest.approx(full["val_error_pct"], abs=5e-5)
 
 
 def test_only_rank_0_writes(ddp_run):
