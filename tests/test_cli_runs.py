@@ -193,3 +193,16 @@ def test_questionable_settings_warn_in_one_line_and_the_schedule_is_printed(tmp_
 def test_regime_uses_the_dataset_train_defaults_to(capsys):
     assert main(["regime", "--model", "f1", "--batch-size", "4096"]) == 0
     assert capsys.readouterr().out.startswith("f1 on fashion-mnist (60000 training samples)")
+
+
+def test_resuming_a_complete_run_with_a_summary_from_before_0_2(finished, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.toml", "checkpoints/last.pt"):
+        (old / name).parent.mkdir(exist_ok=True)
+        (old / name).write_bytes((finished / name).read_bytes())
+    summary = json.loads((finished / "summary.json").read_text())
+    summary["samples_per_s"] = summary.pop("train_samples_per_s")
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert main(["-q", "train", "--resume", str(old)]) == 0
+    assert "after 16 updates" in capsys.readouterr().out

@@ -105,11 +105,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, run_dir, resume=args.resume is not None)
     if launcher_rank() != 0:
         return 0  # under torchrun rank 0 reports for the job
+    rate = summary.get("train_samples_per_s")  # absent from summaries before 0.2
     print(
         f"{run_dir}: final val error {summary['final_val_error_pct']:.2f}% "
         f"(best {summary['best_val_error_pct']:.2f}%) after {summary['updates']} updates, "
-        f"{summary['wall_time_s']:.1f} s ({summary['train_samples_per_s']:.0f} train samples/s, "
-        "evaluation excluded)"
+        f"{summary['wall_time_s']:.1f} s"
+        + (f" ({rate:.0f} train samples/s, evaluation excluded)" if rate else "")
     )
     return 0
 
