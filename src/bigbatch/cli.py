@@ -39,6 +39,12 @@ examples:
   # continue a run that was interrupted (reads RUN_DIR/config.toml)
   bigbatch train --resume runs/f1-fashion-mnist-b4096-g128-s0-20261126-120000
 
+  # extend a finished run to 8 epochs: the last lr phase runs on, milestones stay where they were
+  bigbatch train --resume runs/f1-4096 --epochs 8
+
+  # fine-tune from a run's weights; then evaluate a run (bigbatch eval RUN_DIR --split test)
+  bigbatch train --init-from runs/f1-4096/checkpoints/best.pt --dataset mnist --out runs/ft
+
 outputs (in --out): config.toml, metrics.csv/.jsonl (one row per evaluation), diffusion.csv/.jsonl
 (weight distance from initialisation), checkpoints/last.pt and best.pt, summary.json.
 """
@@ -232,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
 
-    for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
-                _add_reproduce_parser, _add_presets_parser, _add_report_parser,
-                _add_eval_parser):
+    for add in (_add_train_parser, _add_eval_parser, _add_models_parser, _add_regime_parser,
+                _add_download_parser, _add_reproduce_parser, _add_presets_parser,
+                _add_report_parser):
         add(sub)
     return parser
 
