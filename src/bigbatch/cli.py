@@ -74,10 +74,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_train)
 
 
+def _add_import_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", "--imports", dest="imports", action="append", metavar="MODULE",
+                   help="import MODULE first (it registers models or datasets; from sys.path and "
+                        "the current directory; repeatable)")
+
+
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
                        description="List registered models with their default dataset and regime.")
+    _add_import_flag(p)
     p.set_defaults(handler=_cmd_models)
+    p = sub.add_parser("datasets", help="list the known datasets", formatter_class=_HelpFormatter,
+                       description="List built-in and registered datasets with their shapes.")
+    _add_import_flag(p)
+    p.set_defaults(handler=_cmd_datasets)
 
 
 def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
@@ -132,6 +143,7 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
     p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
                    help="progress display of each run")
+    _add_import_flag(p)
     p.set_defaults(handler=_cmd_reproduce)
 
 
@@ -188,7 +200,7 @@ def _launcher_rank() -> int:
 
 def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
     """The config of the run in ``run_dir``, with the resume-free ``flags`` applied."""
-    from bigbatch.train.config import load_config, merge_config
+    from bigbatch.train.config import merge_config, read_config_file
     from bigbatch.train.rundir import fixed_keys
 
     fixed = fixed_keys(flags)
@@ -201,7 +213,13 @@ def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
         raise ConfigError(f"cannot resume {str(run_dir)!r}: {config_path} not found "
                           "(not a bigbatch run directory?)")
     remove_stale_temp_files(run_dir, run_dir / "checkpoints")
-    return merge_config(load_config(config_path), flags)
+    saved = read_config_file(config_path)
+    if "imports" in flags:  # added to the run's own (a run started in Python may need one)
+        flags["imports"] = [*saved.get("imports", []), *flags["imports"]]
+    try:
+        return merge_config(saved, flags)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
 
 
 def _new_run_dir(config: Any) -> Path:
@@ -264,13 +282,32 @@ def _regime_summary(regime: dict[str, Any]) -> str:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from bigbatch import models
+    from bigbatch.plugins import import_modules
 
+    import_modules(args.imports or [])
     rows = [("model", "dataset", "regime", "clip", "description")]
     for name in models.names():
         spec = models.get_spec(name)
         clip = "-" if spec.default_clip_grad_norm is None else f"{spec.default_clip_grad_norm:g}"
         rows.append((name, spec.default_dataset, _regime_summary(spec.default_regime), clip,
                      spec.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from bigbatch import data
+    from bigbatch.plugins import import_modules
+
+    import_modules(args.imports or [])
+    rows = [("dataset", "classes", "input", "train samples", "storage")]
+    for name in data.dataset_names():
+        info = data.get_info(name)
+        storage = "in memory" if info.in_memory else f"folder {info.default_dir or '--data-dir'}"
+        rows.append((name, str(info.num_classes), "x".join(map(str, info.input_shape)),
+                     str(info.num_train), storage))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
@@ -314,9 +351,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 # -- reproduce, report (issue 5's modules, imported when used) -------------------------------------
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from bigbatch.plugins import import_modules
     from bigbatch.reproduce import run_grid
 
-    overrides = {}
+    import_modules(args.imports or [])  # before the preset's models and datasets are checked
+    overrides = {"imports": args.imports} if args.imports else {}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:
