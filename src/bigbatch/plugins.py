@@ -4,8 +4,8 @@ Two ways to bring your own model or dataset to ``bigbatch train`` and ``bigbatch
 
 * ``--import my_module`` (the config key ``imports``): the module is imported by name before the
   config is validated, from ``sys.path`` plus the current directory; at import time it calls
-  :func:`bigbatch.models.register` / :func:`bigbatch.data.register_dataset`. The module names are
-  recorded in ``config.toml``, so ``bigbatch train --resume`` (in another process) imports them again.
+  :func:`bigbatch.models.register` / :func:`bigbatch.data.register_dataset`. The module names
+  are recorded in ``config.toml``, so ``bigbatch train --resume`` (another process) imports them.
 * An installed package declares an entry point in the group ``bigbatch.models`` or
   ``bigbatch.datasets`` (``[project.entry-points."bigbatch.models"] mine = "my_pkg.models"``).
   The groups are loaded lazily, once per process, the first time a name is looked up and not found

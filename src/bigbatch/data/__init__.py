@@ -12,11 +12,11 @@ Example:
 from __future__ import annotations
 
 from bigbatch.data.cifar import load_cifar_split
+from bigbatch.data.custom import register_dataset, unregister_dataset
 from bigbatch.data.download import download
 from bigbatch.data.folder import FolderLoader
 from bigbatch.data.idx import load_idx_split, read_idx
 from bigbatch.data.pipeline import InMemoryLoader
-from bigbatch.data.custom import register_dataset
 from bigbatch.data.registry import (
     DATASETS,
     DatasetInfo,
@@ -44,4 +44,5 @@ __all__ = [
     "make_synthetic",
     "read_idx",
     "register_dataset",
+    "unregister_dataset",
 ]

@@ -15,6 +15,7 @@ Example:
     >>> train, val, _ = build_loaders("doc-tiny", batch_size=32, held_out=20)
     >>> train.num_samples, val.num_samples
     (80, 20)
+    >>> unregister_dataset("doc-tiny")  # e.g. before registering it again in a notebook
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ import torch
 from bigbatch.data.registry import DATASETS, DatasetInfo
 from bigbatch.errors import ConfigError, DataError
 
-__all__ = ["custom_split", "register_dataset", "resolve_pending"]
+__all__ = [
+    "custom_split",
+    "pending_names",
+    "register_dataset",
+    "resolve_pending",
+    "unregister_dataset",
+]
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # name -> {"train": (x, y), "test": (x, y) or None} (numpy, uint8 / int64, writable)
 _ARRAYS: dict[str, dict[str, Any]] = {}
 # name -> (loader, keyword arguments of register_dataset): called on first use
 _PENDING: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {}
+_FOLDERS: dict[str, Path] = {}  # name -> ROOT
 
 
 def _as_numpy(value: Any, what: str) -> np.ndarray:
@@ -133,6 +141,7 @@ def _register_folder(name: str, folder: Any, *, mean, std, image_size: int) -> D
                        _stats(name, std, _IMAGENET_STD, 3, "std"),
                        "imagenet", False, len(scan_folder(root / "train", classes)), str(root))
     DATASETS[name] = info
+    _FOLDERS[name] = root
     return info
 
 
@@ -177,7 +186,8 @@ def register_dataset(
             not exactly one of ``train``/``loader``/``folder``.
     """
     _check_name(name)
-    given = [k for k, v in (("train", train), ("loader", loader), ("folder", folder)) if v is not None]
+    sources = (("train", train), ("loader", loader), ("folder", folder))
+    given = [k for k, v in sources if v is not None]
     if len(given) != 1:
         raise ConfigError(f"register_dataset({name!r}): give exactly one of train=(x, y), "
                           f"loader=function or folder=ROOT, got {given or 'none'}")
@@ -209,6 +219,18 @@ def resolve_pending(name: str) -> DatasetInfo | None:
         raise DataError(f"the loader of dataset {name!r} must return (train, val) with train = "
                         "(images, labels) and val a pair or None")
     return _register_arrays(name, result[0], result[1], **stats)
+
+
+def unregister_dataset(name: str) -> None:
+    """Forget a dataset registered with :func:`register_dataset` (built-in ones stay).
+
+    Raises:
+        ConfigError: ``name`` was not registered with :func:`register_dataset`.
+    """
+    if not any(name in store for store in (_ARRAYS, _PENDING, _FOLDERS)):
+        raise ConfigError(f"dataset {name!r} was not registered with register_dataset")
+    for store in (_ARRAYS, _PENDING, _FOLDERS, DATASETS):
+        store.pop(name, None)
 
 
 def pending_names() -> list[str]:

@@ -157,6 +157,11 @@ def _check_device(name: str, v: Any, spec: Key) -> str:
 
 def _check_modules(name: str, v: Any, spec: Key) -> list[str]:
     v = [v] if isinstance(v, str) else v
+    files = [m for m in v if isinstance(m, str) and m.endswith(".py")] if isinstance(
+        v, (list, tuple)) else []
+    if files:  # "my_task.py" reads as the submodule "py" of a package "my_task"
+        _fail(name, v, f"Python module names, not files: {files[0][:-3].replace('/', '.')!r} "
+              f"for {files[0]!r}")
     if not isinstance(v, (list, tuple)) or not all(
         isinstance(m, str) and m and all(part.isidentifier() for part in m.split(".")) for m in v
     ):
