@@ -124,6 +124,23 @@ def test_import_trains_and_resume_in_a_fresh_process_reimports(registries, tmp_p
     assert state["config"]["imports"] == [mod]
 
 
+def test_resume_import_adds_to_the_runs_own(registries, tmp_path, monkeypatch):
+    # A run started from Python, where the model was registered without --import, resumes with one.
+    mod = _user_module(tmp_path, "user_added")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'imports = ["json"]\nmodel = "{mod}-net"\n'
+                                     f'dataset = "{mod}-data"\nbatch_size = 32\n')
+    assert main(["train", "--resume", "run", "--import", mod, "--progress", "none"]) == 0
+    assert 'imports = [\n    "json",\n    "user_added",\n]' in (run / "config.toml").read_text()
+
+
+def test_an_unknown_model_points_at_import(capsys):
+    assert main(["train", "--model", "my-mlp", "--dataset", "synthetic"]) == 2
+    assert _error_line(capsys).endswith("(your own model: --import the module that registers it)")
+
+
 def test_resume_without_the_module_fails_in_one_line(registries, tmp_path, capsys):
     (tmp_path / "config.toml").write_text(
         'imports = ["user_gone"]\nmodel = "user_gone-net"\ndataset = "synthetic"\n')

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- train ----------------------------------------------------------------------------------------
 # The keys `bigbatch regime` takes besides --model, --dataset and --batch-size.
-_REGIME_KEYS = ("train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
+_REGIME_KEYS = ("imports", "train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
                 "warmup_epochs", "epochs", "regime")
 
 
@@ -327,8 +327,10 @@ def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
 def _cmd_regime(args: argparse.Namespace) -> int:
     from bigbatch import models
     from bigbatch.recipes import format_adaptation_table
+    from bigbatch.plugins import import_modules
     from bigbatch.train.config import RunConfig, resolve_regime
 
+    import_modules(args.imports or [])  # before the model's spec is looked up
     dataset = args.dataset or models.get_spec(args.model).default_dataset
     keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
     config = RunConfig.from_dict({**keys, **key_values(args, _REGIME_KEYS)})

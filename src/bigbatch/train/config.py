@@ -275,7 +275,8 @@ def _check_names(cfg: RunConfig) -> None:
             hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             extra = f"did you mean {hint[0]!r}? " if hint else ""
             listed = "registered models" if what == "model" else "known datasets"
-            raise ConfigError(f"unknown {what} {name!r}; {extra}{listed}: {', '.join(known)}")
+            raise ConfigError(f"unknown {what} {name!r}; {extra}{listed}: {', '.join(known)} "
+                              f"(your own {what}: --import the module that registers it)")
 
 
 # -- files and merging-----------------------------------------------------------------------------
