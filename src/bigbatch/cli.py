@@ -326,8 +326,8 @@ def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
 
 def _cmd_regime(args: argparse.Namespace) -> int:
     from bigbatch import models
-    from bigbatch.recipes import format_adaptation_table
     from bigbatch.plugins import import_modules
+    from bigbatch.recipes import format_adaptation_table
     from bigbatch.train.config import RunConfig, resolve_regime
 
     import_modules(args.imports or [])  # before the model's spec is looked up

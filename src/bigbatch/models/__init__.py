@@ -23,12 +23,4 @@ from bigbatch.models.registry import ModelSpec, create, get_spec, is_registered,
 # function; import the module's other names with ``from bigbatch.models.resnet import ...``.
 from bigbatch.models.resnet import resnet
 
-__all__ = [
-    "ModelSpec",
-    "create",
-    "get_spec",
-    "is_registered",
-    "names",
-    "register",
-    "resnet",
-]
+__all__ = ["ModelSpec", "create", "get_spec", "is_registered", "names", "register", "resnet"]

@@ -30,15 +30,7 @@ from bigbatch.data.registry import get_info, is_dataset
 from bigbatch.errors import ConfigError
 from bigbatch.plugins import load_entry_points
 
-__all__ = [
-    "ModelSpec",
-    "create",
-    "get_spec",
-    "is_registered",
-    "names",
-    "register",
-    "step_regime",
-]
+__all__ = ["ModelSpec", "create", "get_spec", "is_registered", "names", "register", "step_regime"]
 
 # Keyword arguments every builder takes; the rest of its keyword parameters are its "options".
 _SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
