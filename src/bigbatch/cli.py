@@ -1,4 +1,5 @@
-"""Command-line interface: ``bigbatch train | models | regime | download | reproduce | report``.
+"""Command-line interface: ``bigbatch train | models | datasets | regime | download | reproduce |
+report``.
 
 ``main(argv)`` returns an exit code. Errors caused by the user's input (bigbatch's own exception
 types, and ``ValueError`` raised inside bigbatch, e.g. by a ghost batch norm layer) are printed as
