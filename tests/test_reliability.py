@@ -40,6 +40,7 @@ def _temp_files(directory: Path) -> list[Path]:
 BAD_VALUES = {
     "model": ("resnet45", "did you mean 'resnet44'"),
     "model_options": ([1], "a table of keyword options"),
+    "imports": ([3], "a list of Python module names"),
     "dataset": ("cifar11", "did you mean 'cifar10'"),
     "data_dir": ("", "a path or none"),
     "init_from": ("", "a path or none"),

@@ -1,5 +1,5 @@
-"""Command-line interface: ``bigbatch train | eval | models | regime | download | reproduce |
-presets | report``; the handlers are in :mod:`bigbatch.commands`.
+"""Command-line interface: ``bigbatch train | eval | models | datasets | regime | download |
+reproduce | presets | report``; the handlers are in :mod:`bigbatch.commands`.
 
 ``main(argv)`` returns an exit code. Errors caused by the user's input (bigbatch's own exception
 types, and ``ValueError`` raised inside bigbatch, e.g. by a ghost batch norm layer) are printed as
@@ -108,10 +108,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=commands.cmd_train)
 
 
+def _add_import_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", "--imports", dest="imports", action="append", metavar="MODULE",
+                   help="import MODULE first (it registers models or datasets; from sys.path and "
+                        "the current directory; repeatable)")
+
+
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
                        description="List registered models with their default dataset and regime.")
+    _add_import_flag(p)
     p.set_defaults(handler=commands.cmd_models)
+    p = sub.add_parser("datasets", help="list the known datasets", formatter_class=_HelpFormatter,
+                       description="List built-in and registered datasets with their shapes.")
+    _add_import_flag(p)
+    p.set_defaults(handler=commands.cmd_datasets)
 
 
 def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
@@ -172,6 +183,7 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
                    help="bar: one display for the whole grid (runs done, time left), the runs "
                         "quiet; log: every run's own log lines; auto: bar on a terminal, else log")
+    _add_import_flag(p)
     p.set_defaults(handler=commands.cmd_reproduce)
 
 

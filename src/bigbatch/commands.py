@@ -18,14 +18,14 @@ from bigbatch.errors import ConfigError
 from bigbatch.fileio import remove_stale_temp_files
 from bigbatch.flags import key_values
 
-__all__ = ["REGIME_KEYS", "cmd_download", "cmd_eval", "cmd_models", "cmd_presets", "cmd_regime",
-           "cmd_report", "cmd_reproduce", "cmd_train", "launcher_rank"]
+__all__ = ["REGIME_KEYS", "cmd_datasets", "cmd_download", "cmd_eval", "cmd_models", "cmd_presets",
+           "cmd_regime", "cmd_report", "cmd_reproduce", "cmd_train", "launcher_rank"]
 
 
 # -- train ----------------------------------------------------------------------------------------
 # The keys `bigbatch regime` takes besides --model, --dataset and --batch-size.
-REGIME_KEYS = ("train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
-                "warmup_epochs", "epochs", "regime")
+REGIME_KEYS = ("imports", "train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
+               "warmup_epochs", "epochs", "regime")
 
 
 def _default_run_dir(config: Any) -> Path:
@@ -47,7 +47,7 @@ def launcher_rank() -> int:
 
 def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
     """The config of the run in ``run_dir``, with the resume-free ``flags`` applied."""
-    from bigbatch.train.config import load_config, merge_config
+    from bigbatch.train.config import merge_config, read_config_file
     from bigbatch.train.rundir import extend_config, fixed_keys
 
     flags = dict(flags)
@@ -62,7 +62,13 @@ def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
         raise ConfigError(f"cannot resume {str(run_dir)!r}: {config_path} not found "
                           "(not a bigbatch run directory?)")
     remove_stale_temp_files(run_dir, run_dir / "checkpoints")
-    config = merge_config(load_config(config_path), flags)
+    saved = read_config_file(config_path)
+    if "imports" in flags:  # added to the run's own (a run started in Python may need one)
+        flags["imports"] = [*saved.get("imports", []), *flags["imports"]]
+    try:  # one construction: the recorded imports register their names before they are checked
+        config = merge_config(saved, flags)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
     return config if epochs is None else extend_config(config, epochs)
 
 
@@ -126,18 +132,40 @@ def _regime_summary(regime: dict[str, Any]) -> str:
     return f"{regime.get('optimizer', 'SGD')} {regime.get('epochs', '?'):g} ep, lr {lrs}"
 
 
+def _print_columns(rows: list[tuple[str, ...]]) -> None:
+    """Rows as aligned columns; the last column is free text and is not padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from bigbatch import models
+    from bigbatch.plugins import import_modules
 
+    import_modules(args.imports or [])
     rows = [("model", "dataset", "regime", "clip", "description")]
     for name in models.names():
         spec = models.get_spec(name)
         clip = "-" if spec.default_clip_grad_norm is None else f"{spec.default_clip_grad_norm:g}"
         rows.append((name, spec.default_dataset, _regime_summary(spec.default_regime), clip,
                      spec.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    _print_columns(rows)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from bigbatch import data
+    from bigbatch.plugins import import_modules
+
+    import_modules(args.imports or [])
+    rows = [("dataset", "classes", "input", "train samples", "storage")]
+    for name in data.dataset_names():
+        info = data.get_info(name)
+        storage = "in memory" if info.in_memory else f"folder {info.default_dir or '--data-dir'}"
+        rows.append((name, str(info.num_classes), "x".join(map(str, info.input_shape)),
+                     str(info.num_train), storage))
+    _print_columns(rows)
     return 0
 
 
@@ -153,9 +181,11 @@ def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
 
 def cmd_regime(args: argparse.Namespace) -> int:
     from bigbatch import models
+    from bigbatch.plugins import import_modules
     from bigbatch.recipes import format_adaptation_table
     from bigbatch.train.config import RunConfig, resolve_regime
 
+    import_modules(args.imports or [])  # before the model's spec is looked up
     models.get_spec(args.model)  # an unknown model fails first, with a did-you-mean
     dataset = args.dataset or RunConfig().dataset  # the dataset `train` would use
     keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
@@ -179,9 +209,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 # -- reproduce, report (issue 5's modules, imported when used) -------------------------------------
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bigbatch.plugins import import_modules
     from bigbatch.reproduce import run_grid
 
-    overrides = {}
+    import_modules(args.imports or [])  # before the preset's models and datasets are checked
+    overrides = {"imports": args.imports} if args.imports else {}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:

@@ -75,6 +75,9 @@ def _add_key_flag(group: argparse._ArgumentGroup, name: str, spec: Any, default:
         # --model-options KEY=VALUE, repeatable; the singular --model-option reads as well.
         aliases = [flag[:-1]] if flag.endswith("s") else []
         group.add_argument(flag, *aliases, type=model_option, action="append", **kw)
+    elif spec.kind == "modules":
+        # --imports MODULE, repeatable; the singular --import reads as well.
+        group.add_argument(flag[:-1], flag, action="append", **kw)
     elif spec.kind == "factor":
         group.add_argument(flag, nargs="?", const=True, type=float, **kw)
         group.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False,

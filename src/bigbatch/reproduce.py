@@ -176,6 +176,10 @@ def arm_configs(preset: Mapping[str, Any], seed: int) -> dict[str, Any]:
     return {arm: base.replace(seed=seed, **settings[arm]) for arm in grid["arms"]}
 
 
+def _names(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _apply_overrides(preset: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Route flat override keys: [grid] keys to [grid], RunConfig keys to [base]; None = unset.
 
@@ -191,6 +195,8 @@ def _apply_overrides(preset: dict[str, Any], overrides: Mapping[str, Any]) -> di
             continue
         if key in _GRID_KEYS:
             grid[key] = value
+        elif key == "imports":  # added to the preset's own modules
+            base[key] = [*_names(base.get(key, [])), *_names(value)]
         elif key in _ARM_KEYS:
             raise ConfigError(f"override {key!r} is set by each arm; it cannot be overridden")
         elif entry and head in fields:

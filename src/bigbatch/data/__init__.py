@@ -12,11 +12,20 @@ Example:
 from __future__ import annotations
 
 from bigbatch.data.cifar import load_cifar_split
+from bigbatch.data.custom import register_dataset, unregister_dataset
 from bigbatch.data.download import download
 from bigbatch.data.folder import FolderLoader
 from bigbatch.data.idx import load_idx_split, read_idx
 from bigbatch.data.pipeline import InMemoryLoader
-from bigbatch.data.registry import DATASETS, DatasetInfo, build_loaders, get_info, load_split
+from bigbatch.data.registry import (
+    DATASETS,
+    DatasetInfo,
+    build_loaders,
+    dataset_names,
+    get_info,
+    is_dataset,
+    load_split,
+)
 from bigbatch.data.synthetic import make_synthetic
 
 __all__ = [
@@ -25,11 +34,15 @@ __all__ = [
     "FolderLoader",
     "InMemoryLoader",
     "build_loaders",
+    "dataset_names",
     "download",
     "get_info",
+    "is_dataset",
     "load_cifar_split",
     "load_idx_split",
     "load_split",
     "make_synthetic",
     "read_idx",
+    "register_dataset",
+    "unregister_dataset",
 ]

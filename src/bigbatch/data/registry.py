@@ -28,7 +28,17 @@ from bigbatch.data.synthetic import (
 from bigbatch.errors import ConfigError, DataError
 from bigbatch.machine import resolve_device
 
-__all__ = ["DATASETS", "DatasetInfo", "build_loaders", "get_info", "load_split", "split_indices"]
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "build_loaders",
+    "dataset_names",
+    "find_info",
+    "is_dataset",
+    "get_info",
+    "load_split",
+    "split_indices",
+]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Fixed seed of the held-out and subset selections (arXiv 1705.08741); independent of the run seed.
@@ -131,12 +141,42 @@ _HOW_TO_GET = {
 }
 
 
+def is_dataset(name: str) -> bool:
+    """Whether ``name`` is a known dataset, loading the ``bigbatch.datasets`` entry points (once)
+    on a miss; a dataset registered with a loader is not loaded."""
+    from bigbatch.data.custom import pending_names
+    from bigbatch.plugins import load_entry_points
+
+    if name in DATASETS or name in pending_names():
+        return True
+    load_entry_points("bigbatch.datasets")
+    return name in DATASETS or name in pending_names()
+
+
+def find_info(name: str) -> DatasetInfo | None:
+    """The :class:`DatasetInfo` of ``name`` (a registered loader is called now), or None."""
+    from bigbatch.data.custom import resolve_pending
+
+    if not is_dataset(name):
+        return None
+    return DATASETS.get(name) or resolve_pending(name)
+
+
+def dataset_names() -> list[str]:
+    """Sorted names of every known dataset: built-in, registered and from entry points."""
+    from bigbatch.data.custom import pending_names
+    from bigbatch.plugins import load_entry_points
+
+    load_entry_points("bigbatch.datasets")
+    return sorted({*DATASETS, *pending_names()})
+
+
 def get_info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name``; an unknown name raises ConfigError listing them."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+    info = find_info(name)
+    if info is None:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {dataset_names()}")
+    return info
 
 
 def _search_dirs(info: DatasetInfo, data_dir: str | Path | None) -> list[Path]:
@@ -200,6 +240,11 @@ def load_split(
         )
     if name == "synthetic":
         return make_synthetic(split)
+    from bigbatch.data.custom import custom_split
+
+    registered = custom_split(name, split)
+    if registered is not None:
+        return registered
     dirs = _search_dirs(info, data_dir)
     found = next((d for d in dirs if _present(info, d, split)), None)
     if found is None and download:
@@ -350,6 +395,7 @@ def _build_folder_loaders(
 ):
     from bigbatch.data.folder import FolderLoader, find_classes, scan_folder
 
+    data_dir = data_dir if data_dir is not None else info.default_dir  # a registered folder
     if data_dir is None:
         raise DataError(
             f"{info.name} needs --data-dir ROOT with ROOT/train/<class>/*.JPEG and "

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 # Importing the model modules registers their builders (the one import-time registry we allow).
 from bigbatch.models import alexnet, cifar_shallow, mlp, vgg, wide_resnet  # noqa: F401
-from bigbatch.models.registry import ModelSpec, create, get_spec, names, register
+from bigbatch.models.registry import ModelSpec, create, get_spec, is_registered, names, register
 
 # Note: this rebinds the attribute ``bigbatch.models.resnet`` from the submodule to the builder
 # function; import the module's other names with ``from bigbatch.models.resnet import ...``.
 from bigbatch.models.resnet import resnet
 
-__all__ = ["ModelSpec", "create", "get_spec", "names", "register", "resnet"]
+__all__ = ["ModelSpec", "create", "get_spec", "is_registered", "names", "register", "resnet"]

@@ -26,10 +26,11 @@ from typing import Any
 
 from torch import nn
 
-from bigbatch.data.registry import DATASETS
+from bigbatch.data.registry import get_info, is_dataset
 from bigbatch.errors import ConfigError
+from bigbatch.plugins import load_entry_points
 
-__all__ = ["ModelSpec", "create", "get_spec", "names", "register", "step_regime"]
+__all__ = ["ModelSpec", "create", "get_spec", "is_registered", "names", "register", "step_regime"]
 
 # Keyword arguments every builder takes; the rest of its keyword parameters are its "options".
 _SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
@@ -107,8 +108,9 @@ def register(
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        if default_dataset not in DATASETS:
-            raise ValueError(f"model {name!r}: unknown default_dataset {default_dataset!r}")
+        if not is_dataset(default_dataset):
+            raise ValueError(f"model {name!r}: unknown default_dataset {default_dataset!r} "
+                             "(register the dataset first)")
         params = inspect.signature(builder).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             raise ValueError(f"builder of {name!r} must list its options explicitly, not **kwargs")
@@ -133,12 +135,20 @@ def register(
 
 
 def names() -> list[str]:
-    """Sorted names of all registered models."""
+    """Sorted names of all registered models (the ``bigbatch.models`` entry points loaded)."""
+    load_entry_points("bigbatch.models")
     return sorted(_REGISTRY)
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a model, loading the ``bigbatch.models`` entry points once on a miss."""
+    if name not in _REGISTRY:
+        load_entry_points("bigbatch.models")
+    return name in _REGISTRY
+
+
 def _entry(name: str) -> _Entry:
-    entry = _REGISTRY.get(name)
+    entry = _REGISTRY.get(name) if is_registered(name) else None
     if entry is None:
         close = difflib.get_close_matches(str(name), names(), n=3)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
@@ -159,9 +169,7 @@ def get_spec(name: str) -> ModelSpec:
 def dataset_shape(dataset: str) -> tuple[int, int, int]:
     """``(num_classes, in_channels, image_size)`` of a dataset (from ``bigbatch.data.DATASETS``,
     the one owner of these facts)."""
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r}")
-    info = DATASETS[dataset]
+    info = get_info(dataset)
     return info.num_classes, info.in_channels, info.image_size
 
 

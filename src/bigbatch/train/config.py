@@ -73,7 +73,10 @@ class RunConfig:
                                 "run's checkpoints/best.pt or last.pt, or a saved state_dict; "
                                 "none: random initialisation)", optional=True,
                                 metavar="CHECKPOINT", group=_DATA)
-    dataset: str = key("fashion-mnist", "str", "dataset name (a key of bigbatch.data.DATASETS)",
+    imports: list = key([], "modules", "import MODULE before the run: it registers models or "
+                        "datasets (from sys.path and the current directory; repeatable)",
+                        metavar="MODULE", group=_DATA, resume_free=True)
+    dataset: str = key("fashion-mnist", "str", "dataset name (see `bigbatch datasets`)",
                        group=_DATA)
     data_dir: str | None = key(None, "path", "dataset directory (none: the dataset's own)",
                                optional=True, metavar="DIR", group=_DATA, resume_free=True)
@@ -147,6 +150,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name, spec in config_keys().items():
             setattr(self, name, check(name, getattr(self, name), spec))
+        from bigbatch.plugins import import_modules
+
+        import_modules(self.imports)  # before the names are checked: they may register them
         _check_cross_fields(self)
         _check_names(self)
 
@@ -265,13 +271,16 @@ def _check_cross_fields(cfg: RunConfig) -> None:
 def _check_names(cfg: RunConfig) -> None:
     from bigbatch import data, models
 
-    for what, name, known in (("model", cfg.model, list(models.names())),
-                              ("dataset", cfg.dataset, list(data.DATASETS))):  # fmt: skip
-        if name not in known:
+    for what, name, found, names in (("model", cfg.model, models.is_registered, models.names),
+                                     ("dataset", cfg.dataset, data.is_dataset,
+                                      data.dataset_names)):  # fmt: skip
+        if not found(name):
+            known = names()
             hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             extra = f"did you mean {hint[0]!r}? " if hint else ""
             listed = "registered models" if what == "model" else "known datasets"
-            raise ConfigError(f"unknown {what} {name!r}; {extra}{listed}: {', '.join(known)}")
+            raise ConfigError(f"unknown {what} {name!r}; {extra}{listed}: {', '.join(known)} "
+                              f"(your own {what}: --import the module that registers it)")
 
 
 # -- files and merging-----------------------------------------------------------------------------

@@ -29,9 +29,11 @@ from bigbatch.errors import ConfigError
 __all__ = ["KINDS", "Key", "check", "copy_plain", "key", "read_table_file"]
 
 # str: any non-empty string; path: a non-empty path string; table: a table of keyword options;
-# factor: true/false or a number > 0; regime: a regime table or the path of a regime file.
+# factor: true/false or a number > 0; regime: a regime table or the path of a regime file;
+# modules: a list of dotted Python module names (one name alone is read as a list of one).
 _TABLE_SUFFIXES = (".toml", ".yaml", ".yml")
-KINDS = ("str", "path", "table", "bool", "int", "float", "choice", "factor", "regime", "device")
+KINDS = ("str", "path", "table", "bool", "int", "float", "choice", "factor", "regime", "device",
+         "modules")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,8 @@ class Key:
 def key(default: Any, kind: str, help: str, **spec: Any) -> Any:  # noqa: A002 - argparse's name
     """A dataclass field with ``default`` (a copy per instance for a dict) and its :class:`Key`."""
     metadata = {"key": Key(kind, help, **spec)}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: copy_plain(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -153,6 +155,21 @@ def _check_device(name: str, v: Any, spec: Key) -> str:
     return v
 
 
+def _check_modules(name: str, v: Any, spec: Key) -> list[str]:
+    v = [v] if isinstance(v, str) else v
+    files = [m for m in v if isinstance(m, str) and m.endswith(".py")] if isinstance(
+        v, (list, tuple)) else []
+    if files:  # "my_task.py" reads as the submodule "py" of a package "my_task"
+        _fail(name, v, f"Python module names, not files: {files[0][:-3].replace('/', '.')!r} "
+              f"for {files[0]!r}")
+    if not isinstance(v, (list, tuple)) or not all(
+        isinstance(m, str) and m and all(part.isidentifier() for part in m.split(".")) for m in v
+    ):
+        _fail(name, v, "a list of Python module names, e.g. ['my_models'] (imported by name, "
+              "not a file path)")
+    return list(dict.fromkeys(v))  # each module once, in order
+
+
 def _check_simple(name: str, v: Any, spec: Key) -> Any:
     if spec.kind == "bool" and not isinstance(v, bool):
         _fail(name, v, "true or false")
@@ -170,7 +187,8 @@ def _check_simple(name: str, v: Any, spec: Key) -> Any:
 
 
 _CHECKS = {"int": _check_int, "float": _check_float, "choice": _check_choice,
-           "factor": _check_factor, "regime": _check_regime, "device": _check_device}  # fmt: skip
+           "factor": _check_factor, "regime": _check_regime, "device": _check_device,
+           "modules": _check_modules}  # fmt: skip
 
 
 def check(name: str, value: Any, spec: Key) -> Any:
