@@ -143,6 +143,16 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_report)
 
 
+def _add_advise_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("advise", help="what a run's measured noise scale says about its batch size",
+                       formatter_class=_HelpFormatter,
+                       description="Print B_simple over training, the critical batch it implies, "
+                                   "the trade-off at the run's batch size and AdaScale's gain "
+                                   "(a run trained with --noise-scale).")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.set_defaults(handler=_cmd_advise)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bigbatch`` argument parser with all subcommands."""
     import bigbatch
@@ -158,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
-                _add_reproduce_parser, _add_report_parser):
+                _add_reproduce_parser, _add_report_parser, _add_advise_parser):
         add(sub)
     return parser
 
@@ -338,6 +348,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     md_path, html_path = write_report(args.run_dir)
     print(f"report: {md_path} and {html_path}")
+    return 0
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from bigbatch.train.noise import advise_run_dir
+
+    print("\n".join(advise_run_dir(args.run_dir)))
     return 0
 
 

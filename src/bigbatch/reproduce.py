@@ -11,6 +11,10 @@ LB+LR+GBN       + ghost batch norm (``ghost_batch_size``)
 LB+LR+GBN+RA    + regime adaptation (epochs and milestones × B / B0: as many updates as SB)
 ==============  =====================================================================
 
+Beyond the paper, three opt-in arms, never in the default list (name them in ``[grid] arms`` or
+``--arms``): ``LB+GBN+AS`` (AdaScale), ``LB+LARS`` and ``LB+LAMB``; :mod:`bigbatch.beyond_arms`
+defines them, with the lrs of LARS and LAMB (``[grid] lars_lr``, ``lamb_lr``).
+
 A preset is TOML data (``src/bigbatch/presets/<name>.toml``), read as data, never executed::
 
     name = "demo"                 # optional (default: the file name)
@@ -56,6 +60,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bigbatch import beyond_arms
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.fileio import drop_none, remove_stale_temp_files, tomllib
 from bigbatch.preset_file import (
@@ -84,13 +89,16 @@ ARM_SLUGS: dict[str, str] = {
     "LB+LR+GBN": "lb_lr_gbn",
     "LB+LR+GBN+RA": "lb_lr_gbn_ra",
 }
-ARMS: tuple[str, ...] = tuple(ARM_SLUGS)
+PAPER_ARMS: tuple[str, ...] = tuple(ARM_SLUGS)
+ARM_SLUGS.update(beyond_arms.OPT_IN_ARMS)
+ARMS: tuple[str, ...] = tuple(ARM_SLUGS)  # the paper's five, then the opt-in ones
 
 # "overrides", "differences": what grid.toml records (already applied to [base]/[grid]); a
 # grid.toml is a preset.
 _TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides",
              "differences")  # fmt: skip
-_GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling")
+_GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling", "lars_lr",
+              "lamb_lr")
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")
 
@@ -114,7 +122,8 @@ def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
             raise ConfigError(f"[grid] needs {key}")
         positive_int(grid[key], key, minimum=2)
     grid["seeds"] = parse_seeds(grid.get("seeds", 1))
-    grid["arms"] = parse_arms(grid.get("arms", list(ARMS)), ARMS)
+    grid["arms"] = parse_arms(grid.get("arms", list(PAPER_ARMS)), ARMS)
+    beyond_arms.check_grid(grid)
     grid.setdefault("lr_scaling", "sqrt")
     if grid["lr_scaling"] not in ("sqrt", "linear"):
         raise ConfigError(
@@ -173,6 +182,7 @@ def arm_configs(preset: Mapping[str, Any], seed: int) -> dict[str, Any]:
                       "ghost_batch_size": grid["ghost_batch_size"]},  # fmt: skip
     }
     settings["LB+LR+GBN+RA"] = {**settings["LB+LR+GBN"], "regime_adaptation": True}
+    settings.update(beyond_arms.arm_settings(base, grid))
     return {arm: base.replace(seed=seed, **settings[arm]) for arm in grid["arms"]}
 
 
@@ -243,9 +253,9 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
         if old_base.get(k) != new_base.get(k)
     ]
     old_grid = old.get("grid", {})
-    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling"):
-        if old_grid.get(key) != preset["grid"][key]:
-            diffs.append(f"[grid] {key}: {old_grid.get(key)!r} -> {preset['grid'][key]!r}")
+    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling", "lars_lr", "lamb_lr"):
+        if old_grid.get(key) != preset["grid"].get(key):
+            diffs.append(f"[grid] {key}: {old_grid.get(key)!r} -> {preset['grid'].get(key)!r}")
     if diffs:
         raise ConfigError(
             f"{out_dir} already holds a different grid ({'; '.join(diffs[:3])}); its complete runs "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ import torch
 from bigbatch import distributed
 from bigbatch.errors import ConfigError
 
-__all__ = ["NOISE_COLUMNS", "NoiseMeter", "attach", "noise_columns"]
+__all__ = ["NOISE_COLUMNS", "NoiseMeter", "advise_run_dir", "attach", "noise_columns"]
 
 log = logging.getLogger("bigbatch.train")
 
@@ -198,3 +199,33 @@ def noise_columns(meter: NoiseMeter | None) -> dict[str, float | None]:
     if ada is not None:
         row.update(adascale_gain=ada.last_gain, adascale_tau=ada.tau)
     return row
+
+
+def advise_run_dir(run_dir: str | Path) -> list[str]:
+    """What ``bigbatch advise RUN_DIR`` prints: ``advise_batch_size(...).lines()`` from the run's
+    ``b_simple`` column, at its batch size over its ``base_batch_size``.
+
+    Raises:
+        ConfigError: no run there, or a run that did not measure the noise scale.
+    """
+    from bigbatch.diagnostics import advise_batch_size
+    from bigbatch.train.config import load_config
+    from bigbatch.train.metrics import read_rows
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.toml); give the "
+                          f"directory of a `bigbatch train --noise-scale` run")
+    config = load_config(run_dir / "config.toml")
+    series = [r["b_simple"] for r in read_rows(run_dir / "metrics.csv")
+              if isinstance(r.get("b_simple"), float)]
+    if not series:
+        raise ConfigError(f"{run_dir} has no B_simple measurement in metrics.csv: train with "
+                          f"--noise-scale and --micro-batch-size (or under torchrun)")
+    base = config.base_batch_size if config.base_batch_size <= config.batch_size else None
+    try:
+        advice = advise_batch_size(series, config.batch_size, base)
+    except ValueError as e:
+        raise ConfigError(f"{run_dir}: {e}") from None
+    return [f"{run_dir}: {len(series)} evaluations with B_simple, batch {config.batch_size}",
+            *advice.lines()]
