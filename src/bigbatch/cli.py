@@ -121,7 +121,8 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    help="grid directory (default: runs/<preset>)")
     p.add_argument("--device", help="device for every run (default: auto)")
     p.add_argument("--arms", nargs="+", metavar="ARM",
-                   help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA)")
+                   help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA; opt-in: "
+                        "LB+GBN+AS LB+LARS LB+LAMB)")
     p.add_argument("--epochs", type=float, metavar="E", help="override the base regime's epochs")
     p.add_argument("--batch-size", type=int, metavar="B", help="override the large batch size")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
