@@ -8,16 +8,14 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from procs import free_port, spawn_and_wait
+from procs import free_port, kill_after_two_evaluations, spawn_and_wait
 
 from bigbatch import distributed
 from bigbatch.diagnostics import estimate_noise_scale
@@ -170,17 +168,7 @@ def _bigbatch(*args: str) -> subprocess.Popen:
 
 
 def _kill_mid_run(run_dir: Path) -> None:
-    victim = _bigbatch(*KILL_ARGS, "--out", str(run_dir))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if (run_dir / "checkpoints" / "last.pt").exists() \
-                and len(read_rows(run_dir / "metrics.csv")) >= 2:
-            break
-        if victim.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {victim.communicate()[1]}")
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
+    kill_after_two_evaluations(_bigbatch(*KILL_ARGS, "--out", str(run_dir)), run_dir)
     assert not (run_dir / "summary.json").exists()  # really killed mid-run
 
 
