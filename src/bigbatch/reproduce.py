@@ -76,8 +76,8 @@ from bigbatch.preset_file import (
     text_tables,
 )
 
-__all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "apply_settings", "arm_configs", "list_presets",
-           "load_preset", "preset_differences", "run_grid"]  # fmt: skip
+__all__ = ["ARMS", "ARM_SLUGS", "PAPER_ARMS", "PRESETS_DIR", "apply_settings", "arm_configs",
+           "list_presets", "load_preset", "preset_differences", "run_grid"]  # fmt: skip
 
 log = logging.getLogger("bigbatch.reproduce")
 

@@ -110,9 +110,11 @@ class TrainState:
     adascale: Any = None
 
     def extra_state_dict(self) -> dict[str, Any]:
-        """The noise-scale and AdaScale states as plain numbers (``None`` where unused)."""
-        return {name: None if part is None else part.state_dict()
-                for name, part in (("noise_scale", self.noise_scale), ("adascale", self.adascale))}
+        """The noise-scale and AdaScale states as plain numbers (only those the run uses: the
+        checkpoint of a run without them is unchanged)."""
+        return {name: part.state_dict() for name, part in (("noise_scale", self.noise_scale),
+                                                          ("adascale", self.adascale))
+                if part is not None}
 
     def load_extra_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Restore :meth:`extra_state_dict` from a checkpoint (exactly: every running average).
