@@ -37,7 +37,7 @@ CONFIG = {
     "model": MODEL, "dataset": "synthetic", "batch_size": 32, "ghost_batch_size": 8,
     "epochs": 2, "eval_every": 32, "device": "cpu", "seed": 3, "progress": "none",
 }  # fmt: skip
-TIMING_KEYS = {"wall_time_s", "samples_per_s"}
+TIMING_KEYS = {"wall_time_s", "samples_per_s", "train_time_s", "train_samples_per_s"}
 
 
 def _mlp_with_dropout(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -72,7 +72,7 @@ CLI_ARGS = ["--model", "f1", "--model-option", "hidden=16", "--dataset", "synthe
             "--batch-size", "32", "--ghost-batch-size", "8", "--epochs", "3", "--eval-every", "32",
             "--device", "cpu", "--seed", "0", "--progress", "log"]
 EVAL_UPDATES = [32, 64, 96, 128, 160, 192]
-TIMING_KEYS = {"wall_time_s", "samples_per_s"}
+TIMING_KEYS = {"wall_time_s", "samples_per_s", "train_time_s", "train_samples_per_s"}
 # Identical in exact arithmetic; DDP adds the two halves' gradients in another order.
 PARAM_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -184,7 +184,8 @@ def test_sharded_evaluation_equals_full_evaluation(ddp_run):
     summaries = [json.loads((ddp_run / f"summary_rank{r}.json").read_text())
                  for r in range(WORLD_SIZE)]
     assert summaries[0]["final_val_error_pct"] == summaries[1]["final_val_error_pct"]
-    assert summaries[0]["final_val_error_pct"] == pytest.approx(full["val_error_pct"])
+    # summary.json rounds errors to 4 decimals
+    assert summaries[0]["final_val_error_pct"] == pytest.approx(full["val_error_pct"], abs=5e-5)
 
 
 def test_only_rank_0_writes(ddp_run):

@@ -29,7 +29,7 @@ KILL_SEED = 2026  # the kill points are random, but the same on every run of the
 ARGS = ["--model", "f1", "--model-option", "hidden=16", "--model-option", "depth=2",
         "--dataset", "synthetic", "--batch-size", "32", "--epochs", "2", "--eval-every", "16",
         "--device", "cpu", "--progress", "log"]
-TIMING = {"wall_time_s", "samples_per_s"}
+TIMING = {"wall_time_s", "samples_per_s", "train_time_s", "train_samples_per_s"}
 SUMMARY_KEYS = ("final_val_error_pct", "best_val_error_pct", "final_train_error_pct", "updates",
                 "samples", "final_weight_distance", "skipped_steps")
 

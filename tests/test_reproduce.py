@@ -94,7 +94,7 @@ def test_demo_preset_is_the_measured_grid():
     preset = load_preset("demo")
     base, grid = preset["base"], preset["grid"]
     assert (base["model"], base["dataset"], base["train_subset"]) == ("f1", "fashion-mnist", 16000)
-    assert base["base_batch_size"] == 128 and base["clip_grad_norm"] == 5.0
+    assert base["base_batch_size"] == 128 and base["clip"] == 5.0
     assert grid["large_batch_size"] == 4096 and grid["ghost_batch_size"] == 128
     assert grid["seeds"] == [0, 1, 2]
     regime = base["regime"]

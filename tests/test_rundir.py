@@ -73,6 +73,9 @@ def test_a_resume_without_a_checkpoint_starts_over(tmp_path):
     state = rundir.prepare_run_dir(tmp_path, _config(), resume=True, auto_resume=False,
                                    ctx=DistContext())
     assert state is None and not (tmp_path / "metrics.csv").exists()
+    # The directory is created once the run is built (a run that fails to build leaves none).
+    assert not (tmp_path / "checkpoints").exists()
+    rundir.create_run_dir(tmp_path, DistContext())
     assert (tmp_path / "checkpoints").is_dir()
 
 

@@ -17,7 +17,7 @@ from bigbatch.train.metrics import read_rows
 ARGS = ["--model", "f1", "--model-option", "hidden=32", "--model-option", "depth=2",
         "--dataset", "synthetic", "--batch-size", "32", "--ghost-batch-size", "16", "--epochs", "2",
         "--eval-every", "16", "--clip", "5", "--seed", "3", "--device", "cpu", "--progress", "log"]
-TIMING_KEYS = {"wall_time_s", "samples_per_s"}
+TIMING_KEYS = {"wall_time_s", "samples_per_s", "train_time_s", "train_samples_per_s"}
 
 
 def _env() -> dict[str, str]:

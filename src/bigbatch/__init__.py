@@ -35,6 +35,7 @@ _EXPORTS = {
     "large_batch": "bigbatch.recipes.loops",
     "scale_lr": "bigbatch.recipes.scaling",
     "WeightDistance": "bigbatch.diagnostics",
+    "load_model": "bigbatch.train.trained",
     "fit_log": "bigbatch.diagnostics",
     "BigBatchError": "bigbatch.errors",
     "ConfigError": "bigbatch.errors",

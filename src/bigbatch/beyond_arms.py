@@ -30,17 +30,18 @@ from typing import Any
 
 from bigbatch.errors import ConfigError
 
-__all__ = ["OPT_IN_ARMS", "arm_settings", "check_grid", "swap_optimizer"]
+__all__ = ["LAYERWISE_LRS", "OPT_IN_ARMS", "arm_settings", "check_grid", "swap_optimizer"]
 
 OPT_IN_ARMS = {"LB+GBN+AS": "lb_gbn_as", "LB+LARS": "lb_lars", "LB+LAMB": "lb_lamb"}
 # The documented peak lrs of the LARS / LAMB arms and the regime settings each optimizer keeps.
 _LAYERWISE = {"LB+LARS": ("LARS", "lars_lr", 2.0, ("lr", "momentum", "weight_decay")),
               "LB+LAMB": ("LAMB", "lamb_lr", 0.01, ("lr", "weight_decay"))}
+LAYERWISE_LRS = ("lars_lr", "lamb_lr")  # their [grid] keys
 
 
 def check_grid(grid: Mapping[str, Any]) -> None:
     """Refuse a ``[grid] lars_lr`` / ``lamb_lr`` that is not a number > 0."""
-    for key in ("lars_lr", "lamb_lr"):
+    for key in LAYERWISE_LRS:
         value = grid.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not value > 0):

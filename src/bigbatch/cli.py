@@ -1,4 +1,5 @@
-"""Command-line interface: ``bigbatch train | models | regime | download | reproduce | report``.
+"""Command-line interface: ``bigbatch train | eval | models | regime | download | reproduce |
+presets | report``; the handlers are in :mod:`bigbatch.commands`.
 
 ``main(argv)`` returns an exit code. Errors caused by the user's input (bigbatch's own exception
 types, and ``ValueError`` raised inside bigbatch, e.g. by a ghost batch norm layer) are printed as
@@ -9,17 +10,15 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from bigbatch.errors import BigBatchError, ConfigError
-from bigbatch.fileio import remove_stale_temp_files
-from bigbatch.flags import add_key_flags, key_values
+from bigbatch import commands
+from bigbatch.errors import BigBatchError
+from bigbatch.flags import add_key_flags
 
 __all__ = ["build_parser", "main"]
 
@@ -40,6 +39,12 @@ examples:
   # continue a run that was interrupted (reads RUN_DIR/config.toml)
   bigbatch train --resume runs/f1-fashion-mnist-b4096-g128-s0-20261126-120000
 
+  # extend a finished run to 8 epochs: the last lr phase runs on, milestones stay where they were
+  bigbatch train --resume runs/f1-4096 --epochs 8
+
+  # fine-tune from a run's weights; then evaluate a run (bigbatch eval RUN_DIR --split test)
+  bigbatch train --init-from runs/f1-4096/checkpoints/best.pt --dataset mnist --out runs/ft
+
 outputs (in --out): config.toml, metrics.csv/.jsonl (one row per evaluation), diffusion.csv/.jsonl
 (weight distance from initialisation), checkpoints/last.pt and best.pt, summary.json.
 """
@@ -48,6 +53,34 @@ outputs (in --out): config.toml, metrics.csv/.jsonl (one row per evaluation), di
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34, width=100)
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--batch`` is not ``--batch-size``): a prefix that happens to match
+    today would silently mean another flag once a longer one is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None,
+                    extras: list[str]) -> None:  # fmt: skip
+    """Exit with the usage of the subcommand the unknown arguments were given to, naming the
+    nearest flag of that subcommand (``--batchsize``: did you mean ``--batch-size``?)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    target = sub.choices.get(command, parser) if command else parser
+    flags = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.partition("=")[0], flags, n=1, cutoff=0.6)
+            hints += [f"did you mean {close[0]}?"] if close else []
+    target.error(f"unrecognized arguments: {' '.join(extras)}"
+                 + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -65,19 +98,20 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="TOML or YAML run config; flags below override its values")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (uses its "
-                        "config.toml)")
+                        "config.toml); with --epochs E, extend it to E base epochs: the last "
+                        "phase of the schedule runs on, milestones stay where they were")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in config_keys().values():
         if spec.group not in groups:
             groups[spec.group] = p.add_argument_group(spec.group)
     add_key_flags(groups)
-    p.set_defaults(handler=_cmd_train)
+    p.set_defaults(handler=commands.cmd_train)
 
 
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models", formatter_class=_HelpFormatter,
                        description="List registered models with their default dataset and regime.")
-    p.set_defaults(handler=_cmd_models)
+    p.set_defaults(handler=commands.cmd_models)
 
 
 def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,11 +125,11 @@ def _add_regime_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="registered model")
     p.add_argument("--batch-size", type=int, required=True, metavar="B", help="large batch size")
-    p.add_argument("--dataset", help="dataset (default: the model's)")
+    p.add_argument("--dataset", help="dataset (default: fashion-mnist, as `bigbatch train`)")
     p.add_argument("--dataset-size", type=int, metavar="N",
                    help="training samples (default: --train-subset or the dataset's size)")
-    add_key_flags(p.add_argument_group("regime"), _REGIME_KEYS)
-    p.set_defaults(handler=_cmd_regime)
+    add_key_flags(p.add_argument_group("regime"), commands.REGIME_KEYS)
+    p.set_defaults(handler=commands.cmd_regime)
 
 
 def _add_download_parser(sub: argparse._SubParsersAction) -> None:
@@ -104,7 +138,7 @@ def _add_download_parser(sub: argparse._SubParsersAction) -> None:
                        description="Download a dataset's files and verify their SHA-256.")
     p.add_argument("name", help="dataset name, e.g. fashion-mnist, cifar10")
     p.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="where to put it")
-    p.set_defaults(handler=_cmd_download)
+    p.set_defaults(handler=commands.cmd_download)
 
 
 def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
@@ -113,9 +147,10 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
         description="Run every arm (SB, LB, +LR, +GBN, +RA) and seed of a preset, skipping "
                     "complete runs, then write the report.",
-        epilog="example:\n  bigbatch reproduce --preset demo --out runs/demo",
+        epilog=_reproduce_epilog(),
     )
-    p.add_argument("--preset", required=True, help="preset name (e.g. demo) or a preset TOML file")
+    p.add_argument("--preset", required=True,
+                   help="preset name (`bigbatch presets` lists them) or a preset TOML file")
     p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the preset's)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="grid directory (default: runs/<preset>)")
@@ -125,6 +160,10 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                         "LB+GBN+AS LB+LARS LB+LAMB)")
     p.add_argument("--epochs", type=float, metavar="E", help="override the base regime's epochs")
     p.add_argument("--batch-size", type=int, metavar="B", help="override the large batch size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="set any preset key (repeatable; applied last): a [grid] key, a [base] "
+                        "run key, or a dotted entry of a [base] table, e.g. --set "
+                        "train_subset=2000 --set regime.warmup_epochs=1 (VALUE is TOML)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="dataset directory for every run (default: the dataset's own)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
@@ -132,8 +171,49 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from bigbatch.train.config import config_keys
 
     p.add_argument("--progress", choices=config_keys()["progress"].choices, default="auto",
-                   help="progress display of each run")
-    p.set_defaults(handler=_cmd_reproduce)
+                   help="bar: one display for the whole grid (runs done, time left), the runs "
+                        "quiet; log: every run's own log lines; auto: bar on a terminal, else log")
+    p.set_defaults(handler=commands.cmd_reproduce)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a run's checkpoint on its validation or test split",
+        formatter_class=_HelpFormatter,
+        description="Load RUN_DIR's best.pt (or last.pt) and print its loss and errors. In "
+                    "Python, bigbatch.load_model(RUN_DIR) returns the trained model.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `bigbatch train` run directory")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val: what the run validated on (its --held-out samples, else the test "
+                        "set); test: the test set (default: val)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="best.pt (lowest validation error; last.pt if absent) or last.pt")
+    p.add_argument("--device", default="auto", help="device (default: auto)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="dataset directory (default: the run's)")
+    p.set_defaults(handler=commands.cmd_eval)
+
+
+def _reproduce_epilog() -> str:
+    """Examples, then the preset schema as ``bigbatch.reproduce``'s docstring gives it."""
+    import bigbatch.reproduce
+
+    doc = bigbatch.reproduce.__doc__ or ""
+    start = doc.index("A preset is TOML data")
+    schema = doc[start:doc.index("``OUT/grid.toml``", start)].rstrip()
+    schema = schema.replace("``", "`").replace("::\n", ":\n")
+    return ("examples:\n  bigbatch reproduce --preset demo --out runs/demo\n"
+            "  bigbatch reproduce --preset demo --seeds 1 --set train_subset=4000 "
+            "--set ghost_batch_size=64\n  bigbatch presets   # the shipped presets\n\n"
+            f"{schema}\n")
+
+
+def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the shipped presets of `bigbatch reproduce`",
+                       description="List the presets `bigbatch reproduce --preset NAME` reads, "
+                                   "with their grid and description.")
+    p.set_defaults(handler=commands.cmd_presets)
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,7 +221,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=_HelpFormatter,
                        description="Write report.md and report.html for a `reproduce` grid.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="grid directory")
-    p.set_defaults(handler=_cmd_report)
+    p.set_defaults(handler=commands.cmd_report)
 
 
 def _add_advise_parser(sub: argparse._SubParsersAction) -> None:
@@ -151,212 +231,29 @@ def _add_advise_parser(sub: argparse._SubParsersAction) -> None:
                                    "the trade-off at the run's batch size and AdaScale's gain "
                                    "(a run trained with --noise-scale).")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
-    p.set_defaults(handler=_cmd_advise)
+    p.set_defaults(handler=commands.cmd_advise)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``bigbatch`` argument parser with all subcommands."""
     import bigbatch
 
-    parser = argparse.ArgumentParser(
-        prog="bigbatch", formatter_class=_HelpFormatter,
+    parser = _Parser(
+        prog="bigbatch",
         description="Train with very large batches without losing accuracy (Hoffer et al. 2017: "
                     "ghost batch norm, lr scaling, regime adaptation).",
         epilog="Run `bigbatch COMMAND --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"bigbatch {bigbatch.__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
 
-    for add in (_add_train_parser, _add_models_parser, _add_regime_parser, _add_download_parser,
-                _add_reproduce_parser, _add_report_parser, _add_advise_parser):
+    for add in (_add_train_parser, _add_eval_parser, _add_models_parser, _add_regime_parser,
+                _add_download_parser, _add_reproduce_parser, _add_presets_parser,
+                _add_report_parser, _add_advise_parser):
         add(sub)
     return parser
-
-
-# -- train ----------------------------------------------------------------------------------------
-# The keys `bigbatch regime` takes besides --model, --dataset and --batch-size.
-_REGIME_KEYS = ("train_subset", "base_batch_size", "lr_scaling", "regime_adaptation",
-                "warmup_epochs", "epochs", "regime")
-
-
-def _default_run_dir(config: Any) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    ghost = f"-g{config.ghost_batch_size}" if config.ghost_batch_size else ""
-    return Path("runs") / (
-        f"{config.model}-{config.dataset}-b{config.batch_size}{ghost}-s{config.seed}-{stamp}"
-    )
-
-
-def _launcher_rank() -> int:
-    """torchrun's rank of this process, 0 outside torchrun (where torch is not imported for it)."""
-    if "RANK" not in os.environ:
-        return 0
-    from bigbatch.distributed import launcher_rank
-
-    return launcher_rank()
-
-
-def _resumed_config(run_dir: Path, flags: dict[str, Any]) -> Any:
-    """The config of the run in ``run_dir``, with the resume-free ``flags`` applied."""
-    from bigbatch.train.config import load_config, merge_config
-    from bigbatch.train.rundir import fixed_keys
-
-    fixed = fixed_keys(flags)
-    if fixed:
-        flag = "--" + fixed[0].replace("_", "-")
-        raise ConfigError(f"{flag} cannot change on --resume (RUN_DIR/config.toml fixes it); "
-                          "start a new run to change it")
-    config_path = run_dir / "config.toml"
-    if not config_path.is_file():
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: {config_path} not found "
-                          "(not a bigbatch run directory?)")
-    remove_stale_temp_files(run_dir, run_dir / "checkpoints")
-    return merge_config(load_config(config_path), flags)
-
-
-def _new_run_dir(config: Any) -> Path:
-    """``config.out`` (or a time-stamped default), created and checked to be writable."""
-    from bigbatch.distributed import under_torchrun
-
-    if config.out is None and under_torchrun():
-        # A time-stamped default would differ between processes (and elastic restarts).
-        raise ConfigError("under torchrun pass --out RUN_DIR: every process, and every "
-                          "restart of the job, must use the same run directory")
-    run_dir = Path(config.out) if config.out is not None else _default_run_dir(config)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # One probe per process: torchrun's processes probe the same directory at once.
-        probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to output directory {str(run_dir)!r}: "
-                          f"{e.strerror or e}") from None
-    return run_dir
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from bigbatch.train.config import config_keys, merge_config, read_config_file
-    from bigbatch.train.loop import train
-
-    flags = key_values(args, config_keys())
-    if args.resume is not None:
-        if args.config is not None or "out" in flags:
-            raise ConfigError("--resume RUN_DIR takes the config and the output dir from "
-                              "RUN_DIR; drop --config/--out")
-        config, run_dir = _resumed_config(args.resume, flags), args.resume
-    else:
-        base = read_config_file(args.config) if args.config is not None else {}
-        config = merge_config(base, flags)
-        run_dir = _new_run_dir(config)
-    logging.getLogger("bigbatch").info("run directory: %s", run_dir)
-    summary = train(config, run_dir, resume=args.resume is not None)
-    if _launcher_rank() != 0:
-        return 0  # under torchrun rank 0 reports for the job
-    print(
-        f"{run_dir}: final val error {summary['final_val_error_pct']:.2f}% "
-        f"(best {summary['best_val_error_pct']:.2f}%) after {summary['updates']} updates, "
-        f"{summary['wall_time_s']:.1f} s"
-    )
-    return 0
-
-
-# -- models, regime, download ---------------------------------------------------------------------
-def _regime_summary(regime: dict[str, Any]) -> str:
-    phases = regime.get("phases", [])
-    lrs = " -> ".join(
-        f"{p['lr']:g}" + (f"@{p['epoch']:g}" if i else "")
-        for i, p in enumerate(phases)
-        if "lr" in p
-    )
-    return f"{regime.get('optimizer', 'SGD')} {regime.get('epochs', '?'):g} ep, lr {lrs}"
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from bigbatch import models
-
-    rows = [("model", "dataset", "regime", "clip", "description")]
-    for name in models.names():
-        spec = models.get_spec(name)
-        clip = "-" if spec.default_clip_grad_norm is None else f"{spec.default_clip_grad_norm:g}"
-        rows.append((name, spec.default_dataset, _regime_summary(spec.default_regime), clip,
-                     spec.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
-    return 0
-
-
-def _dataset_size(args: argparse.Namespace, dataset: str) -> int:
-    if args.dataset_size is not None:
-        return args.dataset_size
-    if args.train_subset is not None:
-        return args.train_subset
-    from bigbatch import data
-
-    return data.get_info(dataset).num_train
-
-
-def _cmd_regime(args: argparse.Namespace) -> int:
-    from bigbatch import models
-    from bigbatch.recipes import format_adaptation_table
-    from bigbatch.train.config import RunConfig, resolve_regime
-
-    dataset = args.dataset or models.get_spec(args.model).default_dataset
-    keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
-    config = RunConfig.from_dict({**keys, **key_values(args, _REGIME_KEYS)})
-    size = _dataset_size(args, dataset)
-    before, after = resolve_regime(config, size)
-    print(f"{config.model} on {dataset} ({size} training samples), lr scaling "
-          f"{config.lr_scaling}, regime adaptation {config.regime_adaptation}")
-    print(format_adaptation_table(before, after, base_batch_size=config.base_batch_size,
-                                  batch_size=config.batch_size, dataset_size=size))
-    return 0
-
-
-def _cmd_download(args: argparse.Namespace) -> int:
-    from bigbatch import data
-
-    path = data.download(args.name, args.data_dir)
-    print(f"{args.name}: verified files in {path}")
-    return 0
-
-
-# -- reproduce, report (issue 5's modules, imported when used) -------------------------------------
-def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from bigbatch.reproduce import run_grid
-
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.batch_size is not None:
-        overrides["large_batch_size"] = args.batch_size
-    if args.data_dir is not None:
-        overrides["data_dir"] = str(args.data_dir)
-    if args.download is not None:
-        overrides["download"] = args.download
-    out = args.out if args.out is not None else Path("runs") / Path(args.preset).stem
-    grid_dir = run_grid(args.preset, out, seeds=args.seeds, arms=args.arms, device=args.device,
-                        overrides=overrides or None, progress=args.progress)
-    if _launcher_rank() == 0:
-        print(f"grid: {grid_dir}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from bigbatch.report import write_report
-
-    md_path, html_path = write_report(args.run_dir)
-    print(f"report: {md_path} and {html_path}")
-    return 0
-
-
-def _cmd_advise(args: argparse.Namespace) -> int:
-    from bigbatch.train.noise import advise_run_dir
-
-    print("\n".join(advise_run_dir(args.run_dir)))
-    return 0
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -376,12 +273,24 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue what was interrupted, naming its directory."""
+    if args.command == "reproduce":
+        return "repeat the same `bigbatch reproduce` command to finish the grid"
+    run_dir = getattr(args, "run_dir_used", None)
+    if run_dir is None:
+        return "a run continues with `bigbatch train --resume RUN_DIR`"
+    return f"continue with `bigbatch train --resume {run_dir}`"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input or divergence, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(parser, args.command, extras)
     # Under torchrun only rank 0 logs progress; the other processes still report warnings.
-    quiet = args.quiet or _launcher_rank() != 0
+    quiet = args.quiet or commands.launcher_rank() != 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
@@ -395,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigbatch: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bigbatch: interrupted (a run continues with `bigbatch train --resume RUN_DIR`)",
-              file=sys.stderr)
+        print(f"bigbatch: interrupted ({_resume_hint(args)})", file=sys.stderr)
         return 130
 
 

@@ -11,9 +11,7 @@ LB+LR+GBN       + ghost batch norm (``ghost_batch_size``)
 LB+LR+GBN+RA    + regime adaptation (epochs and milestones × B / B0: as many updates as SB)
 ==============  =====================================================================
 
-Beyond the paper, three opt-in arms, never in the default list (name them in ``[grid] arms`` or
-``--arms``): ``LB+GBN+AS`` (AdaScale), ``LB+LARS`` and ``LB+LAMB``; :mod:`bigbatch.beyond_arms`
-defines them, with the lrs of LARS and LAMB (``[grid] lars_lr``, ``lamb_lr``).
+Opt-in arms beyond the paper (``LB+GBN+AS``, ``LB+LARS``, ``LB+LAMB``): :mod:`bigbatch.beyond_arms`.
 
 A preset is TOML data (``src/bigbatch/presets/<name>.toml``), read as data, never executed::
 
@@ -21,7 +19,7 @@ A preset is TOML data (``src/bigbatch/presets/<name>.toml``), read as data, neve
     description = "..."           # optional; one line on what the preset shows
     [base]                        # RunConfig keys shared by all arms (config-file names:
                                   # model, dataset, train_subset, base_batch_size, epochs,
-                                  # clip_grad_norm ...) except those each arm sets itself:
+                                  # clip ...) except those each arm sets itself:
                                   # batch_size, seed, lr_scaling, ghost_batch_size and
                                   # regime_adaptation
     [base.regime]                 # optional: the base regime (else the model's default):
@@ -61,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch import beyond_arms
+from bigbatch.beyond_arms import LAYERWISE_LRS
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.fileio import drop_none, remove_stale_temp_files, tomllib
 from bigbatch.preset_file import (
@@ -72,6 +71,7 @@ from bigbatch.preset_file import (
     parse_seeds,
     positive_int,
     read_preset,
+    run_line,
     suggest,
     text_tables,
 )
@@ -97,8 +97,7 @@ ARMS: tuple[str, ...] = tuple(ARM_SLUGS)  # the paper's five, then the opt-in on
 # grid.toml is a preset.
 _TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides",
              "differences")  # fmt: skip
-_GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling", "lars_lr",
-              "lamb_lr")
+_GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling", *LAYERWISE_LRS)
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")
 
@@ -243,17 +242,21 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
         return None
     old = tomllib.loads(path.read_text(encoding="utf-8"))
     # Keys that may change between two calls on the same grid: they do not change results.
-    from bigbatch.train.config import RESUME_FREE_KEYS
+    from bigbatch.train.config import RENAMED_KEYS, RESUME_FREE_KEYS
 
-    old_base = {k: v for k, v in old.get("base", {}).items() if k not in RESUME_FREE_KEYS}
-    new_base = {k: v for k, v in drop_none(preset["base"]).items() if k not in RESUME_FREE_KEYS}
+    def comparable(base: Mapping[str, Any]) -> dict[str, Any]:
+        # A key under its old name (clip_grad_norm, now clip) is the same setting.
+        return {RENAMED_KEYS.get(k, k): v for k, v in drop_none(dict(base)).items()
+                if RENAMED_KEYS.get(k, k) not in RESUME_FREE_KEYS}
+
+    old_base, new_base = comparable(old.get("base", {})), comparable(preset["base"])
     diffs = [
         f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
         for k in sorted(set(old_base) | set(new_base))
         if old_base.get(k) != new_base.get(k)
     ]
     old_grid = old.get("grid", {})
-    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling", "lars_lr", "lamb_lr"):
+    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling", *LAYERWISE_LRS):
         if old_grid.get(key) != preset["grid"].get(key):
             diffs.append(f"[grid] {key}: {old_grid.get(key)!r} -> {preset['grid'].get(key)!r}")
     if diffs:
@@ -273,18 +276,6 @@ def _train(config, run_dir: Path, *, resume: bool) -> dict[str, Any]:
     return train(config, run_dir, resume=resume)
 
 
-def _one_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str:
-    def num(key: str, fmt: str) -> str:
-        value = summary.get(key)
-        return format(value, fmt) if isinstance(value, (int, float)) else "?"
-
-    return (
-        f"{arm:<13} seed {seed}: {what}, val error {num('final_val_error_pct', '.2f')}% "
-        f"(train {num('final_train_error_pct', '.2f')}%), {num('updates', '.0f')} updates, "
-        f"{num('epochs', 'g')} epochs, {num('wall_time_s', '.1f')} s"
-    )
-
-
 def run_grid(
     preset: str | Path,
     out_dir: str | Path,
@@ -294,6 +285,7 @@ def run_grid(
     device: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     progress: str = "auto",
+    settings: list[str] | None = None,
 ) -> Path:
     """Run (or finish) a preset's grid into ``out_dir`` and write its report.
 
@@ -313,6 +305,7 @@ def run_grid(
             ``train_subset`` ...) go to [base]; ``large_batch_size``, ``ghost_batch_size`` and
             ``lr_scaling`` to [grid]. ``None`` values are ignored.
         progress: the engine's progress mode for each run (``auto``, ``bar``, ``log``, ``none``).
+        settings: ``KEY=VALUE`` assignments (``--set``), applied last by :func:`apply_settings`.
 
     Returns:
         ``out_dir`` as a Path.
@@ -325,7 +318,8 @@ def run_grid(
     original = load_preset(preset)
     changes = {**(overrides or {}), "seeds": seeds, "arms": arms, "device": device,
                "progress": progress}  # fmt: skip
-    resolved = _apply_overrides(original, changes)
+    resolved = apply_settings(_apply_overrides(original, changes), list(settings or []))
+    overrides = {**(overrides or {}), **dict(parse_assignment(a) for a in settings or [])}
     old = _check_same_grid(out_dir, resolved)
     from bigbatch.distributed import launcher_rank
 
@@ -340,8 +334,12 @@ def run_grid(
 
     plan = [(seed, arm) for seed in resolved["grid"]["seeds"] for arm in resolved["grid"]["arms"]]
     started = time.perf_counter()
-    for index, (seed, arm) in enumerate(plan, 1):
-        _run_one(resolved, out_dir, arm, seed, f"[{index}/{len(plan)}]")
+    display = _grid_progress(resolved, out_dir, plan, progress if is_main else "none")
+    try:
+        for index, (seed, arm) in enumerate(plan, 1):
+            _run_one(resolved, out_dir, arm, seed, f"[{index}/{len(plan)}]", display)
+    finally:
+        display.close()
     if not is_main:
         return out_dir
     from bigbatch.report import write_report
@@ -398,27 +396,50 @@ def _write_record(out_dir: Path, original: dict[str, Any], resolved: dict[str, A
     atomic_write_text(out_dir / "grid.toml", tomli_w.dumps(record))
 
 
-def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step: str) -> None:
-    """Run, resume or skip one (arm, seed) of the grid; a divergence is logged, not raised."""
+def _grid_progress(resolved: dict[str, Any], out_dir: Path, plan: list[tuple[int, str]],
+                   progress: str):  # fmt: skip
+    """The grid's display (:class:`~bigbatch.train.progress.GridProgress`): each run weighs its
+    effective epochs; finished runs (complete or diverged) count as done."""
+    from bigbatch.train.config import resolve_regime
+    from bigbatch.train.progress import GridProgress, resolve_progress_mode
+    from bigbatch.train.rundir import read_summary
+
+    configs = {seed: arm_configs(resolved, seed) for seed in resolved["grid"]["seeds"]}
+    weights = [resolve_regime(configs[seed][arm], 1)[1].epochs for seed, arm in plan]
+    done = [read_summary(out_dir / ARM_SLUGS[arm] / f"seed{seed}").get("status")
+            in ("complete", "diverged") for seed, arm in plan]  # fmt: skip
+    return GridProgress(weights, done, resolve_progress_mode(progress), log)
+
+
+def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step: str,
+             display: Any) -> None:  # fmt: skip
+    """Run, resume or skip one (arm, seed) of the grid; a divergence is reported, not raised."""
+    from bigbatch.train.config import resolve_regime
     from bigbatch.train.rundir import read_summary
 
     run_dir = out_dir / ARM_SLUGS[arm] / f"seed{seed}"
     previous = read_summary(run_dir)
     status = previous.get("status")
     if status == "complete":
-        log.info("%s %s", step, _one_line(arm, seed, previous, "already complete"))
+        display.message(f"{step} {run_line(arm, seed, previous, 'already complete')}")
         return
     if status == "diverged":
-        log.info("%s %s seed %d: diverged earlier (%s); kept, not retried (delete %s to retry)",
-                 step, arm, seed, previous.get("message", "?"), run_dir)  # fmt: skip
+        display.message(f"{step} {arm} seed {seed}: diverged earlier "
+                        f"({previous.get('message', '?')}); kept, not retried (delete {run_dir} "
+                        "to retry)")
         return
     config = arm_configs(resolved, seed)[arm]
+    weight = resolve_regime(config, 1)[1].epochs
     resume = run_dir.exists()  # the engine restarts a run dir without a checkpoint cleanly
-    log.info("%s %s seed %d: %s %s", step, arm, seed,
-             "resuming" if resume else "running", run_dir)  # fmt: skip
+    if display.quiet_runs:  # under the grid's bar: no bar and no log lines of the run's own
+        config = config.replace(progress="none")
+    else:
+        log.info("%s %s seed %d: %s %s", step, arm, seed,
+                 "resuming" if resume else "running", run_dir)  # fmt: skip
     try:
-        summary = _train(config, run_dir, resume=resume)
+        with display.quiet():
+            summary = _train(config, run_dir, resume=resume)
     except DivergenceError as e:
-        log.warning("%s %s seed %d diverged: %s", step, arm, seed, e)
+        display.finished(weight, f"{step} {arm} seed {seed} diverged: {e}", warning=True)
         return
-    log.info("%s %s", step, _one_line(arm, seed, summary, "done"))
+    display.finished(weight, f"{step} {run_line(arm, seed, summary, 'done')}")

@@ -172,7 +172,8 @@ def _setup(grid: GridData) -> list[str]:
         "held_out",
         "base_batch_size",
         "epochs",
-        "clip_grad_norm",
+        "clip",
+        "clip_grad_norm",  # its old name, in grids written before 0.2
     ):
         if key in base:
             items.append(f"{key}: {base[key]}")

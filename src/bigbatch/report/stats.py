@@ -41,8 +41,13 @@ def train_samples_per_s(run: RunData) -> float:
     The engine times each update (loading its batch included) and stops the clock for evaluations
     and checkpoints; each metrics.csv row carries ``samples_per_s`` = the interval's training
     samples / the interval's training time. Summed over the intervals this is the run's total
-    training samples over its total training time.
+    training samples over its total training time: ``summary.json``'s ``train_samples_per_s``,
+    read where present (summaries before 0.2 lack it, and their ``samples_per_s`` counted the
+    evaluations too, so for them it is computed from the rows).
     """
+    recorded = (run.summary or {}).get("train_samples_per_s")
+    if isinstance(recorded, (int, float)) and recorded > 0:
+        return float(recorded)
     samples = seconds = previous = 0.0
     for row in sorted(run.metrics, key=lambda r: r.get("updates", 0.0)):
         count, rate = row.get("samples", math.nan) - previous, row.get("samples_per_s", math.nan)

@@ -9,22 +9,29 @@ Example:
 
 from __future__ import annotations
 
-from bigbatch.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from bigbatch.train.checkpoint import load_checkpoint, save_checkpoint
-from bigbatch.train.config import RunConfig, load_config, merge_config, resolve_regime
-from bigbatch.train.loop import evaluate, forward_backward, train
+from bigbatch._lazy import lazy_getattr
 
-__all__ = [
-    "RunConfig",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "evaluate",
-    "forward_backward",
-    "load_checkpoint",
-    "load_config",
-    "merge_config",
-    "resolve_regime",
-    "save_checkpoint",
-    "train",
-]
+# Each public name and its module, imported on first use: `bigbatch --help` and the config code
+# read `bigbatch.train.config` without importing torch (which the loop and checkpoints need).
+_EXPORTS = {
+    "RunConfig": "bigbatch.train.config",
+    "load_config": "bigbatch.train.config",
+    "merge_config": "bigbatch.train.config",
+    "resolve_regime": "bigbatch.train.config",
+    "atomic_write_bytes": "bigbatch.fileio",
+    "atomic_write_json": "bigbatch.fileio",
+    "atomic_write_text": "bigbatch.fileio",
+    "load_checkpoint": "bigbatch.train.checkpoint",
+    "save_checkpoint": "bigbatch.train.checkpoint",
+    "evaluate": "bigbatch.train.loop",
+    "forward_backward": "bigbatch.train.loop",
+    "train": "bigbatch.train.loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr("bigbatch.train", _EXPORTS, globals())
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

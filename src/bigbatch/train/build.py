@@ -33,6 +33,8 @@ __all__ = [
     "build_run",
     "check_ghost_alignment",
     "check_process_split",
+    "load_weights",
+    "schedule_lines",
     "shard_batch_size",
 ]
 
@@ -60,6 +62,42 @@ def build_model(config: RunConfig, info: Any) -> nn.Module:
 
         model = convert_ghost_batchnorm(model, ghost_batch_size=config.ghost_batch_size)
     return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Put the weights of checkpoint ``path`` into ``model`` (``--init-from``), all or nothing.
+
+    ``path`` is a bigbatch checkpoint (its ``model`` entry is used) or a plain ``state_dict``;
+    it is read with ``torch.load(weights_only=True)``. Ghost batch norm keeps batch norm's keys,
+    so weights move between runs with and without it.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+        ConfigError: its tensors do not fit ``model`` (the message names the first key that
+            differs and both shapes).
+    """
+    from bigbatch.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    weights = state.get("model", state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        what = (f"lacks {missing[0]!r}" if missing
+                else f"has {unexpected[0]!r}, which the model lacks")
+        raise ConfigError(f"--init-from {path}: the checkpoint {what} ({len(missing)} missing, "
+                          f"{len(unexpected)} unexpected keys); it is another model's weights")
+    for name, tensor in own.items():
+        other = weights[name]
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise ConfigError(
+                f"--init-from {path}: {name!r} has shape {shape} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model; use the same model, model options and "
+                "dataset (classes, channels, image size) as the run that saved it"
+            )
+    model.load_state_dict(weights)
 
 
 @dataclasses.dataclass
@@ -241,9 +279,13 @@ def build_run(config: RunConfig, ctx: Any, run_dir: Path) -> Run:
     train_loader, val_loader, info = _loaders(config, ctx)
     plan = _plan(config, ctx, train_loader)
     model = build_model(config, info)
+    if config.init_from is not None:
+        load_weights(model, config.init_from)  # before w0 is taken: distances are from these
     # Batch sizes of an epoch (the last one is partial).
     sizes = {int(ix.numel()) for ix in train_loader.batch_indices(0)}
     _check_batch_split(config, model, sizes, ctx.world_size)
+    if ctx.is_main:
+        _warn_questionable(config, plan, _shard_sizes(sizes, ctx.world_size))
     channels_last = config.channels_last is True or (
         config.channels_last == "auto" and ctx.device.type == "cuda" and _uses_conv(model)
     )
@@ -263,6 +305,57 @@ def build_run(config: RunConfig, ctx: Any, run_dir: Path) -> Run:
     return Run(run_dir, ctx, plan, state, train_model, train_loader, val_loader, info,
                _autocast(config, ctx.device), channels_last,
                [p for p in model.parameters() if p.requires_grad])
+
+
+def schedule_lines(plan: Plan) -> list[str]:
+    """The schedule a run follows, in one or two lines (logged at the start of every run): epochs,
+    updates, lr at each milestone, warm-up; and how ``epochs`` rescaled the base regime.
+
+    Example:
+        >>> from bigbatch.recipes import Regime
+        >>> r = Regime.from_dict({"epochs": 2, "phases": [{"epoch": 0, "lr": 0.1},
+        ...                                                {"epoch": 1, "lr": 0.01}]})
+        >>> cfg = RunConfig(model="f1", dataset="synthetic", regime=r.to_dict())
+        >>> schedule_lines(Plan(cfg, r, r, 1024, 8, 16, torch.device("cpu")))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['schedule: 2 epochs, 16 updates of batch 128 (8 per epoch);
+          lr 0.1 from epoch 0, 0.01 from epoch 1']
+    """
+    from bigbatch.recipes import Regime
+    from bigbatch.train.config import base_regime_dict
+
+    regime, config = plan.regime, plan.config
+    lrs = ", ".join(f"{p['lr']:.4g} from epoch {p['epoch']:g}" for p in regime.phases if "lr" in p)
+    def count(n: float, what: str) -> str:
+        return f"{n:g} {what}" + ("" if n == 1 else "s")
+
+    line = (f"schedule: {count(regime.epochs, 'epoch')}, {count(plan.num_updates, 'update')} of "
+            f"batch {config.batch_size} ({plan.updates_per_epoch} per epoch); lr {lrs}")
+    if regime.schedule != "step":
+        line += f" ({regime.schedule})"
+    if regime.warmup_epochs:
+        line += f"; linear warm-up over {regime.warmup_epochs:g} epochs"
+    lines = [line]
+    written = Regime.from_dict(base_regime_dict(config)).epochs
+    if config.epochs is not None and config.epochs != written:
+        lines.append(f"  (--epochs {config.epochs:g} rescaled the {written:g}-epoch base regime: "
+                     f"every milestone moved by x{config.epochs / written:.3g})")
+    return lines
+
+
+def _warn_questionable(config: RunConfig, plan: Plan, batch_sizes: set[int]) -> None:
+    """One line for each setting that runs but is probably not what was meant."""
+    if config.batch_size > plan.dataset_size:
+        log.warning("batch_size=%d is larger than the training set: each epoch is one update "
+                    "of all %d samples", config.batch_size, plan.dataset_size)
+    ghost = config.ghost_batch_size
+    for size in sorted(batch_sizes) if ghost else ():
+        last = size % ghost
+        # "Much smaller": under half a ghost batch, its statistics are over 2x noisier.
+        if 0 < last < ghost / 2:
+            log.warning("a batch of %d samples in ghost batches of %d leaves a last ghost batch of "
+                        "%d (under half of %d): its batch statistics are much noisier; choose a "
+                        "ghost size that divides %d", size, ghost, last, ghost, size)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

@@ -70,6 +70,10 @@ class RunConfig:
     model: str = key("f1", "str", "registered model, see `bigbatch models`", group=_DATA)
     model_options: dict = key({}, "table", "model builder options, e.g. hidden=64 (repeatable)",
                               metavar="KEY=VALUE", group=_DATA)
+    init_from: str | None = key(None, "path", "fine-tune: start from the weights in CHECKPOINT (a "
+                                "run's checkpoints/best.pt or last.pt, or a saved state_dict; "
+                                "none: random initialisation)", optional=True,
+                                metavar="CHECKPOINT", group=_DATA)
     dataset: str = key("fashion-mnist", "str", "dataset name (a key of bigbatch.data.DATASETS)",
                        group=_DATA)
     data_dir: str | None = key(None, "path", "dataset directory (none: the dataset's own)",

@@ -161,7 +161,7 @@ def _check_simple(name: str, v: Any, spec: Key) -> Any:
     if spec.kind == "path":
         v = str(v) if isinstance(v, Path) else v
         if not isinstance(v, str) or not v:
-            _fail(name, v, "a directory path" + (" or none" if spec.optional else ""))
+            _fail(name, v, "a path" + (" or none" if spec.optional else ""))
     if spec.kind == "table":
         if not isinstance(v, Mapping) or not all(isinstance(k, str) for k in v):
             _fail(name, v, "a table of keyword options, e.g. {hidden = 64}")

@@ -47,7 +47,13 @@ import torch
 from bigbatch import distributed
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.train import noise, rundir
-from bigbatch.train.build import Run, build_model, build_run, check_process_split
+from bigbatch.train.build import (
+    Run,
+    build_model,
+    build_run,
+    check_process_split,
+    schedule_lines,
+)
 from bigbatch.train.config import RunConfig, base_regime_dict
 from bigbatch.train.evaluation import evaluate, evaluation_row
 from bigbatch.train.metrics import MetricsLogger
@@ -117,7 +123,8 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
     checkpoint = rundir.prepare_run_dir(
         run_dir, config, resume=resume, auto_resume=auto_resume, ctx=ctx
     )
-    if checkpoint is not None:
+    extending = checkpoint is not None and rundir.is_extension(checkpoint["config"], config)
+    if checkpoint is not None and not extending:
         done = distributed.broadcast_object(
             rundir.read_summary(run_dir) if ctx.is_main else {}, ctx
         )
@@ -126,6 +133,15 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
             return done
     run = build_run(config, ctx, run_dir)
     meter = noise.attach(run)  # None unless --noise-scale; sets the estimator up before restore
+    rundir.create_run_dir(run_dir, ctx)  # only now: a run that fails to build leaves nothing
+    if ctx.is_main:
+        for line in schedule_lines(run.plan):  # what --epochs made of the regime, before it runs
+            log.info("%s", line)
+    if extending and ctx.is_main:
+        # The run is no longer complete: config.toml now holds the extended regime, so a plain
+        # --resume continues the extension.
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        rundir.write_config(run_dir, run.state, run.plan)
     if checkpoint is not None:
         rundir.restore(run.state, checkpoint, ctx)
         c = run.state.counters
@@ -307,7 +323,7 @@ def _evaluate(run: Run, meter: noise.NoiseMeter | None, metrics: MetricsLogger |
         f"update {c.updates}/{run.plan.num_updates} (epoch {row['epoch']:.2f}): "
         f"train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
         f"val error {row['val_error_pct']:.2f}%, lr {row['lr']:.4g}, "
-        f"|w-w0| {distance:.3f}, {row['samples_per_s']:.0f} samples/s"
+        f"|w-w0| {distance:.3f}, {row['samples_per_s']:.0f} train samples/s"
     )
     _save(run, clock, best=best)
     return row

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ import bigbatch
 from bigbatch import distributed
 from bigbatch.errors import BigBatchError, ConfigError
 from bigbatch.fileio import atomic_write_json, atomic_write_text
-from bigbatch.layers import _cpu_kernel
+from bigbatch.layers import backend_summary
 from bigbatch.machine import cpu_name
 from bigbatch.train.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig
@@ -36,8 +39,11 @@ from bigbatch.train.state import Counters, Plan, TrainState
 __all__ = [
     "CHECKPOINT_DIR",
     "CHECKPOINT_FORMAT",
+    "create_run_dir",
+    "extend_config",
     "RESUME_FREE_KEYS",
     "fixed_keys",
+    "is_extension",
     "prepare_run_dir",
     "read_summary",
     "restore",
@@ -68,10 +74,37 @@ def prepare_run_dir(
     Returns:
         The checkpoint to resume from, or ``None`` to start from the beginning.
     """
-    outcome: dict | None | BigBatchError = None
+    return _on_main(lambda: _prepare_run_dir_main(run_dir, config, resume, auto_resume), ctx)
+
+
+def create_run_dir(run_dir: Path, ctx: Any) -> None:
+    """Create ``run_dir/checkpoints`` and check that it is writable (rank 0; every process gets
+    the verdict). Called once the run is built: a run that fails validation leaves no directory.
+
+    Raises:
+        ConfigError: the directory cannot be created or written.
+    """
+    _on_main(lambda: _create_run_dir_main(run_dir), ctx)
+
+
+def _create_run_dir_main(run_dir: Path) -> None:
+    try:
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".bigbatch-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}"
+        ) from None
+
+
+def _on_main(fn: Callable[[], Any], ctx: Any) -> Any:
+    """``fn()`` on rank 0, its result (or its ``BigBatchError``, raised) on every process."""
+    outcome: Any = None
     if ctx.is_main:
         try:
-            outcome = _prepare_run_dir_main(run_dir, config, resume, auto_resume)
+            outcome = fn()
         except BigBatchError as error:
             outcome = error
     outcome = distributed.broadcast_object(outcome, ctx)
@@ -105,7 +138,7 @@ def _prepare_run_dir_main(
         saved = RunConfig.from_dict(state["config"]).to_dict()
         now = config.to_dict()
         changed = fixed_keys(k for k in now if saved.get(k) != now[k])
-        if changed:
+        if changed and not is_extension(state["config"], config):
             k = changed[0]
             raise ConfigError(
                 f"cannot resume {str(run_dir)!r} with a different config: {k} was "
@@ -117,13 +150,61 @@ def _prepare_run_dir_main(
         log.info("no checkpoint in %s yet: starting the run from the beginning", run_dir)
         for name in _OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot create run directory {str(run_dir)!r}: {e.strerror or e}"
-        ) from None
     return None
+
+
+def _base_regime(config: RunConfig) -> Any:
+    """The run's base regime after its ``epochs`` override (before adaptation)."""
+    from bigbatch.recipes import Regime
+    from bigbatch.train.config import base_regime_dict
+
+    base = Regime.from_dict(base_regime_dict(config))
+    return base.with_epochs(config.epochs) if config.epochs is not None else base
+
+
+def extend_config(config: RunConfig, epochs: float) -> RunConfig:
+    """The config of ``config``'s run extended to ``epochs`` (base) epochs: ``--resume --epochs``.
+
+    The extension continues the schedule's **last phase**: every milestone (and the warm-up)
+    stays at the epoch where the run had it, and the last phase's settings (lr, momentum, weight
+    decay) run on to the new end, so the updates already made are those of the extended run.
+    ``epochs`` counts base-regime epochs, as ``--epochs`` does for a new run: with regime
+    adaptation the run trains ``epochs`` x the adaptation factor. The base regime is written out
+    with the new length (``epochs`` unset), so config.toml rebuilds the extended run alone.
+
+    Raises:
+        ConfigError: ``epochs`` not beyond the run's own, or a schedule whose lr depends on its
+            length (``cosine``): extending it would change the lr of updates already made.
+
+    Example:
+        >>> cfg = RunConfig(model="f1", dataset="synthetic", epochs=2)
+        >>> extend_config(cfg, 3).regime["epochs"], extend_config(cfg, 3).epochs
+        (3.0, None)
+    """
+    base = _base_regime(config)
+    if not epochs > base.epochs:
+        raise ConfigError(f"--epochs {epochs:g} on --resume extends a run: it must exceed the "
+                          f"run's {base.epochs:g} base epochs")
+    if base.schedule != "step":
+        raise ConfigError(f"a {base.schedule!r} schedule depends on its length, so extending it "
+                          "would change the lr of updates already made; start a new run from its "
+                          "weights instead (--init-from RUN_DIR/checkpoints/last.pt)")
+    return config.replace(regime={**base.to_dict(), "epochs": float(epochs)}, epochs=None)
+
+
+def is_extension(saved: dict[str, Any], config: RunConfig) -> bool:
+    """Whether ``config`` is the run of config dict ``saved`` extended (:func:`extend_config`):
+    the same in every fixed key but the regime's length, which is longer."""
+    old = RunConfig.from_dict(saved)
+    if fixed_keys(k for k, v in old.to_dict().items()
+                  if k not in ("regime", "epochs") and config.to_dict().get(k) != v):
+        return False
+    try:
+        before, after = _base_regime(old), _base_regime(config)
+    except ConfigError:
+        return False
+    same_phases = dataclasses.replace(after, epochs=before.epochs) == before
+    return after.epochs > before.epochs and same_phases
 
 
 def restore(state: TrainState, checkpoint: dict, ctx: Any) -> None:
@@ -259,8 +340,8 @@ def summary(run_dir: Path, counters: Counters, plan: Plan, row: dict[str, Any],
     c, cfg, device = counters, plan.config, plan.device
     rows = read_rows(run_dir / "metrics.jsonl") if is_main else []
     last = rows[-1] if rows else row  # the final evaluation, also when resumed at the end
-    train_time = c.wall_time_s
-    return {
+    train_time = c.train_time_s + c.interval_train_time_s
+    return _rounded({
         "status": "complete",
         "seed": cfg.seed,
         "model": cfg.model,
@@ -280,20 +361,36 @@ def summary(run_dir: Path, counters: Counters, plan: Plan, row: dict[str, Any],
         "best_val_error_pct": c.best_val_error_pct,
         "final_train_error_pct": last.get("train_error_pct"),
         "final_weight_distance": last.get("weight_distance"),
-        "wall_time_s": train_time,
-        "samples_per_s": c.samples / train_time if train_time > 0 else None,
+        "wall_time_s": c.wall_time_s,
+        "train_time_s": train_time,
+        "train_samples_per_s": c.samples / train_time if train_time > 0 else None,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "world_size": plan.world_size,
         "torch_version": torch.__version__,
-        # Which ghost batch norm code ran on CPU (fused kernels or PyTorch ops): speed differs.
-        # (Only asked on CPU runs: asking builds the kernels, which a GPU run never uses.)
-        "ghost_bn_cpu_kernel": (
-            _cpu_kernel.status() if cfg.ghost_batch_size and device.type == "cpu" else None
-        ),
+        # Which ghost batch norm code ran (C kernels, Triton, PyTorch ops, and why): speed differs.
+        "ghost_bn_backend": backend_summary(device) if cfg.ghost_batch_size else None,
         "bigbatch_version": bigbatch.__version__,
         "git_commit": _git_commit(),
-    }
+    })
+
+
+def _rounded(summary: dict[str, Any]) -> dict[str, Any]:
+    """Floats to what they mean: errors (``*_pct``) to 4 decimals, times, rates and the weight
+    distance to 4 significant digits, other floats (epochs) to 6 significant digits.
+
+    Example:
+        >>> _rounded({"epochs": 1.4800000000000035, "wall_time_s": 12.34567, "x_pct": 1 / 3})
+        {'epochs': 1.48, 'wall_time_s': 12.35, 'x_pct': 0.3333}
+    """
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, float) and math.isfinite(value) and value != 0:
+            digits = 4 if key.endswith(("_s", "_distance")) else 6
+            value = (round(value, 4) if key.endswith("_pct")
+                     else round(value, digits - 1 - math.floor(math.log10(abs(value)))))
+        out[key] = value
+    return out
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class Counters:
     skipped_steps: int = 0
     best_val_error_pct: float = math.inf
     wall_time_s: float = 0.0
+    # time in updates (their batches loaded), evaluations and checkpoints excluded: closed intervals
+    train_time_s: float = 0.0
     # train averages since the last evaluation
     train_loss_sum: float = 0.0
     train_correct: float = 0.0
@@ -50,6 +52,7 @@ class Counters:
             >>> c.end_interval(8.0), c.best_val_error_pct, c.train_samples
             (True, 8.0, 0)
         """
+        self.train_time_s += self.interval_train_time_s
         self.train_loss_sum = self.train_correct = 0.0
         self.train_samples = self.interval_samples = 0
         self.interval_train_time_s = 0.0
