@@ -9,12 +9,15 @@ which is compared with ``B_simple`` measured during the same runs (the one-shot
 :func:`~bigbatch.diagnostics.estimate_noise_scale` on 2048 training examples in small batches of
 64, at every 4th evaluation; the median over each run). The ratios are reported as measured.
 
-Not done here: the ``LB+GBN+AS`` vs ``LB+LR+GBN+RA`` comparison, which needs the engine's AdaScale
-arm. ``--quick`` uses a synthetic task (a linear teacher on 32-d codes embedded in 784-d inputs),
-a narrow F1, batch sizes
-64 ... 512 and a 2-point lr grid on 1 thread: it checks the script, not the science.
+The ``LB+GBN+AS`` vs ``LB+LR+GBN+RA`` comparison is ``benchmarks/adascale_vs_ra.py``. ``--plot
+PNG`` draws S and E against B with the fit and the measured B_simple; ``--table FILE`` redraws it
+from this script's saved output instead of training. ``--quick`` uses a synthetic task (a linear
+teacher on 32-d codes embedded in 784-d inputs), a narrow F1, batch sizes 64 ... 512 and a 2-point
+lr grid on 1 thread: it checks the script, not the science.
 
 Usage: python benchmarks/critical_batch.py --data-dir DIR_WITH_FASHION_MNIST_IDX [--subset N]
+           [--plot critical_batch.png]
+       python benchmarks/critical_batch.py --table saved_output.txt --plot critical_batch.png
        python benchmarks/critical_batch.py --quick
 Results, with the machine they came from: benchmarks/RESULTS.md, section "Critical batch".
 """
@@ -101,11 +104,17 @@ def train_to_target(data, batch: int, lr: float, args) -> tuple[int | None, list
     return None, b_simple
 
 
-def fit_tradeoff(batch_sizes, updates) -> tuple[float, float, float]:
-    """``(S_min, E_min, B_crit)`` from a least-squares fit of ``S = S_min + E_min / B``."""
+def fit_tradeoff(batch_sizes, updates, relative: bool = False) -> tuple[float, float, float]:
+    """``(S_min, E_min, B_crit)`` from a least-squares fit of ``S = S_min + E_min / B``.
+
+    ``relative``: minimise the relative residuals (each row weighted by ``1 / S``), so the few
+    updates of the large batches count as much as the many of the small ones.
+    """
     inv_b = np.array([1.0 / b for b in batch_sizes])
-    design = np.stack([np.ones_like(inv_b), inv_b], axis=1)
-    (s_min, e_min), *_ = np.linalg.lstsq(design, np.array(updates, dtype=float), rcond=None)
+    updates = np.array(updates, dtype=float)
+    weight = 1.0 / updates if relative else np.ones_like(updates)
+    design = np.stack([np.ones_like(inv_b), inv_b], axis=1) * weight[:, None]
+    (s_min, e_min), *_ = np.linalg.lstsq(design, updates * weight, rcond=None)
     return float(s_min), float(e_min), float(e_min / s_min) if s_min > 0 else math.nan
 
 
@@ -125,20 +134,72 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", help="write the figure (PNG) here")
+    p.add_argument("--table", help="redraw from this script's saved output (no training)")
     args = p.parse_args()
     if args.quick:
         args.hidden, args.depth, args.max_epochs, args.eval_samples = 32, 1, 10, 1024
         args.probe_size, args.threads = 512, 1
         args.noise_every = 1
         args.target = 0.12 if args.target == 0.15 else args.target  # unless given
-    elif not args.data_dir:
+    elif not args.data_dir and not args.table:
         p.error("give --data-dir with Fashion-MNIST (bigbatch data download fashion-mnist), "
                 "or --quick")
     return args
 
 
+def _read_table(path: str) -> list[tuple[int, int, float]]:
+    """``(batch, updates, median B_simple)`` of each reached row of a saved output."""
+    rows = []
+    for line in open(path, encoding="utf-8"):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].isdigit() and cells[2].isdigit():
+            rows.append((int(cells[0]), int(cells[2]), float(cells[4])))
+    return rows
+
+
+def plot(reached: list[tuple[int, int, float]], path: str, title: str) -> None:
+    """S and E against B (log-log) with the fitted trade-off, B_crit and the median B_simple."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = np.array([r[0] for r in reached], dtype=float)
+    updates = np.array([r[1] for r in reached], dtype=float)
+    s_min, e_min, b_crit = fit_tradeoff(batch, updates, relative=True)
+    finite = [r[2] for r in reached if math.isfinite(r[2])]
+    b_simple = statistics.median(finite) if finite else math.nan
+    grid = np.geomspace(batch[0], batch[-1], 100)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, measured, fitted, label in ((axes[0], updates, s_min + e_min / grid, "updates S"),
+                                        (axes[1], updates * batch, s_min * grid + e_min,
+                                         "examples E = S B")):
+        ax.loglog(batch, measured, "o", label="measured (best lr of the grid)")
+        if s_min > 0:
+            ax.loglog(grid, fitted, "-", label=f"relative fit: S_min {s_min:.3g}, E_min "
+                      f"{e_min:.3g}")
+            ax.axvline(b_crit, color="C2", ls="--", label=f"B_crit = E_min/S_min = {b_crit:.0f}")
+        if math.isfinite(b_simple):
+            ax.axvline(b_simple, color="C3", ls=":", label=f"median B_simple = {b_simple:.0f}")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"figure: {path}")
+
+
 def main() -> None:
     args = _parse()
+    if args.table:
+        if not args.plot:
+            raise SystemExit("--table redraws a figure: give --plot PNG")
+        with open(args.table, encoding="utf-8") as f:
+            first = f.readline().lstrip("# ").strip()  # the machine and the settings
+        plot(_read_table(args.table), args.plot, first)
+        return
     torch.set_num_threads(args.threads)
     data = synthetic_task(4096, 1024) if args.quick else \
         load_fashion_mnist(args.data_dir, args.subset)
@@ -175,6 +236,13 @@ def main() -> None:
         print(f"fit S = S_min (1 + B_crit / B): S_min = {s_min:.4g}, E_min = {e_min:.4g}, "
               f"B_crit = {b_crit:.4g}; median B_simple over the runs = {b_simple:.4g} "
               f"(B_crit / B_simple = {b_crit / b_simple:.3g})")
+        s_min, e_min, b_crit = fit_tradeoff([r[0] for r in reached], [r[1] for r in reached],
+                                            relative=True)
+        print(f"relative fit (rows weighted 1/S): S_min = {s_min:.4g}, E_min = {e_min:.4g}, "
+              f"B_crit = {b_crit:.4g} (B_crit / B_simple = {b_crit / b_simple:.3g})")
+        if args.plot:
+            plot(reached, args.plot, f"F1 on {'synthetic' if args.quick else 'Fashion-MNIST'}, "
+                 f"target val error {args.target}")
 
 
 if __name__ == "__main__":

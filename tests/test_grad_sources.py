@@ -169,6 +169,13 @@ def _ddp_scenarios(rank: int) -> dict[str, tuple[float, float]]:
                                         float(squared_grad_norm(model.parameters())))
         again = norms.collect()  # reset after reading
         out[f"micro{micro_batches}_reset"] = (float(again[0]), float(again[1]))
+    # Switched off: the hook only averages (the same gradient) and records nothing.
+    model = DistributedDataParallel(_model(), bucket_cap_mb=0.0001)
+    norms = DDPGradNorms(model)
+    norms.enabled = False
+    LOSS(model(xs), ys).backward()
+    off = norms.collect()
+    out["disabled"] = (float(off[0]), float(off[1]), float(squared_grad_norm(model.parameters())))
     return out
 
 
@@ -185,5 +192,7 @@ def test_ddp_hook_gives_the_one_process_estimate(tmp_path):
         assert global_ == pytest.approx(grad_norm, rel=1e-12)  # after the all-reduce = p.grad
         _assert_same(_one_update_estimate(local, BATCH // WORLD_SIZE, global_), expected)
         assert results[0][f"{key}_reset"] == (0.0, 0.0)
+    assert results[0]["disabled"][:2] == (0.0, 0.0)
+    assert results[0]["disabled"][2] == pytest.approx(results[0]["micro1"][2], rel=1e-12)
     # negative control: the local norm is not the global one
     assert results[0]["micro1"][0] > 1.1 * results[0]["micro1"][1]

@@ -19,7 +19,7 @@ from PIL import Image
 from test_report import GAP_GRID, make_grid
 
 from bigbatch.report import write_report
-from bigbatch.reproduce import ARMS
+from bigbatch.reproduce import PAPER_ARMS as ARMS  # the five arms of every preset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")

@@ -13,7 +13,8 @@ from bigbatch import reproduce
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.report.grid import load_grid
 from bigbatch.report.stats import arm_rows
-from bigbatch.reproduce import ARM_SLUGS, ARMS, arm_configs, list_presets, load_preset, run_grid
+from bigbatch.reproduce import ARM_SLUGS, arm_configs, list_presets, load_preset, run_grid
+from bigbatch.reproduce import PAPER_ARMS as ARMS  # the five arms of every preset
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -82,7 +82,9 @@ def test_a_run_writes_every_output(tmp_path):
     assert rows == read_rows(tmp_path / "metrics.jsonl")
     expected = {"updates", "epoch", "samples", "lr", "train_loss", "train_error_pct", "val_loss",
                 "val_error_pct", "val_top5_error_pct", "weight_distance", "wall_time_s",
-                "samples_per_s", "skipped_steps"}
+                "samples_per_s", "skipped_steps",
+                # the noise-scale columns are in every row, empty without --noise-scale
+                "trace_sigma", "grad_sq_norm", "b_simple", "adascale_gain", "adascale_tau"}
     assert set(rows[0]) == expected
     assert rows[-1]["lr"] == pytest.approx(0.01) and rows[0]["lr"] == pytest.approx(0.1)
     assert rows[-1]["val_error_pct"] < 60  # it learns something on the synthetic classes

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from procs import kill_after_two_evaluations
 
 from bigbatch.train.metrics import read_rows
 
@@ -41,18 +40,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     uninterrupted = _bigbatch(*ARGS, "--out", str(full))
 
-    victim = _bigbatch(*ARGS, "--out", str(killed))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ckpt = killed / "checkpoints" / "last.pt"
-        if ckpt.exists() and len(read_rows(killed / "metrics.csv")) >= 2:
-            break
-        if victim.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {victim.communicate()[1]}")
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL
+    kill_after_two_evaluations(_bigbatch(*ARGS, "--out", str(killed)), killed)
     rows_at_kill = read_rows(killed / "metrics.csv")
     assert not (killed / "summary.json").exists()  # really killed mid-run
     assert len(rows_at_kill) < 8

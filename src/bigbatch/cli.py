@@ -167,7 +167,8 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    help="grid directory (default: runs/<preset>)")
     p.add_argument("--device", help="device for every run (default: auto)")
     p.add_argument("--arms", nargs="+", metavar="ARM",
-                   help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA)")
+                   help="run only these arms (SB LB LB+LR LB+LR+GBN LB+LR+GBN+RA; opt-in: "
+                        "LB+GBN+AS LB+LARS LB+LAMB)")
     p.add_argument("--epochs", type=float, metavar="E", help="override the base regime's epochs")
     p.add_argument("--batch-size", type=int, metavar="B", help="override the large batch size")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
@@ -235,6 +236,16 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=commands.cmd_report)
 
 
+def _add_advise_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("advise", help="what a run's measured noise scale says about its batch size",
+                       formatter_class=_HelpFormatter,
+                       description="Print B_simple over training, the critical batch it implies, "
+                                   "the trade-off at the run's batch size and AdaScale's gain "
+                                   "(a run trained with --noise-scale).")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.set_defaults(handler=commands.cmd_advise)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bigbatch`` argument parser with all subcommands."""
     import bigbatch
@@ -252,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (_add_train_parser, _add_eval_parser, _add_models_parser, _add_regime_parser,
                 _add_download_parser, _add_reproduce_parser, _add_presets_parser,
-                _add_report_parser):
+                _add_report_parser, _add_advise_parser):
         add(sub)
     return parser
 

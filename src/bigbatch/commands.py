@@ -18,8 +18,8 @@ from bigbatch.errors import ConfigError
 from bigbatch.fileio import remove_stale_temp_files
 from bigbatch.flags import key_values
 
-__all__ = ["REGIME_KEYS", "cmd_datasets", "cmd_download", "cmd_eval", "cmd_models", "cmd_presets",
-           "cmd_regime", "cmd_report", "cmd_reproduce", "cmd_train", "launcher_rank"]
+__all__ = ["REGIME_KEYS", "cmd_advise", "cmd_datasets", "cmd_download", "cmd_eval", "cmd_models",
+           "cmd_presets", "cmd_regime", "cmd_report", "cmd_reproduce", "cmd_train", "launcher_rank"]
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -265,4 +265,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     md_path, html_path = write_report(args.run_dir)
     print(f"report: {md_path} and {html_path}")
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from bigbatch.train.noise import advise_run_dir
+
+    print("\n".join(advise_run_dir(args.run_dir)))
     return 0

@@ -1,4 +1,5 @@
-"""Reading a preset file: names, TOML, key checks with a did-you-mean, seeds, arms, KEY=VALUE.
+"""Reading a preset file: names, TOML, key checks with a did-you-mean, seeds, arms, KEY=VALUE
+(and the log line of one grid run, :func:`run_line`).
 
 The generic half of the preset schema (documented in :mod:`bigbatch.reproduce`, which validates
 the tables against the grid's arms and the engine's RunConfig).
@@ -15,7 +16,8 @@ from bigbatch.errors import ConfigError
 from bigbatch.fileio import tomllib
 
 __all__ = ["PRESETS_DIR", "check_keys", "list_presets", "parse_arms", "parse_assignment",
-           "parse_seeds", "positive_int", "read_preset", "suggest", "text_tables"]  # fmt: skip
+           "parse_seeds", "positive_int", "read_preset", "run_line", "suggest",
+           "text_tables"]  # fmt: skip
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 _PAPER_INFO_KEYS = ("source", "metric")
@@ -139,3 +141,17 @@ def parse_arms(value: Any, arms: tuple[str, ...]) -> list[str]:
     if len(set(value)) != len(value):
         raise ConfigError(f"arms repeat a value: {list(value)}")
     return [a for a in arms if a in value]  # the paper's order
+
+
+def run_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str:
+    """One log line for a grid run: arm, seed, what happened, its errors, updates and time."""
+
+    def num(key: str, fmt: str) -> str:
+        value = summary.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) else "?"
+
+    return (
+        f"{arm:<13} seed {seed}: {what}, val error {num('final_val_error_pct', '.2f')}% "
+        f"(train {num('final_train_error_pct', '.2f')}%), {num('updates', '.0f')} updates, "
+        f"{num('epochs', 'g')} epochs, {num('wall_time_s', '.1f')} s"
+    )

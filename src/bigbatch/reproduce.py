@@ -11,6 +11,8 @@ LB+LR+GBN       + ghost batch norm (``ghost_batch_size``)
 LB+LR+GBN+RA    + regime adaptation (epochs and milestones × B / B0: as many updates as SB)
 ==============  =====================================================================
 
+Opt-in arms beyond the paper (``LB+GBN+AS``, ``LB+LARS``, ``LB+LAMB``): :mod:`bigbatch.beyond_arms`.
+
 A preset is TOML data (``src/bigbatch/presets/<name>.toml``), read as data, never executed::
 
     name = "demo"                 # optional (default: the file name)
@@ -56,6 +58,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bigbatch import beyond_arms
+from bigbatch.beyond_arms import LAYERWISE_LRS
 from bigbatch.errors import ConfigError, DivergenceError
 from bigbatch.fileio import drop_none, remove_stale_temp_files, tomllib
 from bigbatch.preset_file import (
@@ -67,12 +71,13 @@ from bigbatch.preset_file import (
     parse_seeds,
     positive_int,
     read_preset,
+    run_line,
     suggest,
     text_tables,
 )
 
-__all__ = ["ARMS", "ARM_SLUGS", "PRESETS_DIR", "apply_settings", "arm_configs", "list_presets",
-           "load_preset", "preset_differences", "run_grid"]  # fmt: skip
+__all__ = ["ARMS", "ARM_SLUGS", "PAPER_ARMS", "PRESETS_DIR", "apply_settings", "arm_configs",
+           "list_presets", "load_preset", "preset_differences", "run_grid"]  # fmt: skip
 
 log = logging.getLogger("bigbatch.reproduce")
 
@@ -84,13 +89,15 @@ ARM_SLUGS: dict[str, str] = {
     "LB+LR+GBN": "lb_lr_gbn",
     "LB+LR+GBN+RA": "lb_lr_gbn_ra",
 }
-ARMS: tuple[str, ...] = tuple(ARM_SLUGS)
+PAPER_ARMS: tuple[str, ...] = tuple(ARM_SLUGS)
+ARM_SLUGS.update(beyond_arms.OPT_IN_ARMS)
+ARMS: tuple[str, ...] = tuple(ARM_SLUGS)  # the paper's five, then the opt-in ones
 
 # "overrides", "differences": what grid.toml records (already applied to [base]/[grid]); a
 # grid.toml is a preset.
 _TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides",
              "differences")  # fmt: skip
-_GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling")
+_GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling", *LAYERWISE_LRS)
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")
 
@@ -114,7 +121,8 @@ def _validate(preset: dict[str, Any], default_name: str) -> dict[str, Any]:
             raise ConfigError(f"[grid] needs {key}")
         positive_int(grid[key], key, minimum=2)
     grid["seeds"] = parse_seeds(grid.get("seeds", 1))
-    grid["arms"] = parse_arms(grid.get("arms", list(ARMS)), ARMS)
+    grid["arms"] = parse_arms(grid.get("arms", list(PAPER_ARMS)), ARMS)
+    beyond_arms.check_grid(grid)
     grid.setdefault("lr_scaling", "sqrt")
     if grid["lr_scaling"] not in ("sqrt", "linear"):
         raise ConfigError(
@@ -173,6 +181,7 @@ def arm_configs(preset: Mapping[str, Any], seed: int) -> dict[str, Any]:
                       "ghost_batch_size": grid["ghost_batch_size"]},  # fmt: skip
     }
     settings["LB+LR+GBN+RA"] = {**settings["LB+LR+GBN"], "regime_adaptation": True}
+    settings.update(beyond_arms.arm_settings(base, grid))
     return {arm: base.replace(seed=seed, **settings[arm]) for arm in grid["arms"]}
 
 
@@ -253,9 +262,9 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
         if old_base.get(k) != new_base.get(k)
     ]
     old_grid = old.get("grid", {})
-    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling"):
-        if old_grid.get(key) != preset["grid"][key]:
-            diffs.append(f"[grid] {key}: {old_grid.get(key)!r} -> {preset['grid'][key]!r}")
+    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling", *LAYERWISE_LRS):
+        if old_grid.get(key) != preset["grid"].get(key):
+            diffs.append(f"[grid] {key}: {old_grid.get(key)!r} -> {preset['grid'].get(key)!r}")
     if diffs:
         raise ConfigError(
             f"{out_dir} already holds a different grid ({'; '.join(diffs[:3])}); its complete runs "
@@ -271,18 +280,6 @@ def _train(config, run_dir: Path, *, resume: bool) -> dict[str, Any]:
     if resume:
         remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     return train(config, run_dir, resume=resume)
-
-
-def _one_line(arm: str, seed: int, summary: Mapping[str, Any], what: str) -> str:
-    def num(key: str, fmt: str) -> str:
-        value = summary.get(key)
-        return format(value, fmt) if isinstance(value, (int, float)) else "?"
-
-    return (
-        f"{arm:<13} seed {seed}: {what}, val error {num('final_val_error_pct', '.2f')}% "
-        f"(train {num('final_train_error_pct', '.2f')}%), {num('updates', '.0f')} updates, "
-        f"{num('epochs', 'g')} epochs, {num('wall_time_s', '.1f')} s"
-    )
 
 
 def run_grid(
@@ -430,7 +427,7 @@ def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step:
     previous = read_summary(run_dir)
     status = previous.get("status")
     if status == "complete":
-        display.message(f"{step} {_one_line(arm, seed, previous, 'already complete')}")
+        display.message(f"{step} {run_line(arm, seed, previous, 'already complete')}")
         return
     if status == "diverged":
         display.message(f"{step} {arm} seed {seed}: diverged earlier "
@@ -451,4 +448,4 @@ def _run_one(resolved: dict[str, Any], out_dir: Path, arm: str, seed: int, step:
     except DivergenceError as e:
         display.finished(weight, f"{step} {arm} seed {seed} diverged: {e}", warning=True)
         return
-    display.finished(weight, f"{step} {_one_line(arm, seed, summary, 'done')}")
+    display.finished(weight, f"{step} {run_line(arm, seed, summary, 'done')}")

@@ -162,9 +162,15 @@ class DDPGradNorms:
     after it (the global gradient over ``B_b = world_size * B_s``). Call :meth:`collect` after the
     update's synchronising backward, on every process.
 
+    To measure some updates only, set :attr:`enabled` to False on the others (the same on every
+    process): the hook then only averages, as DDP's default does, and records nothing.
+
     Args:
         model: the ``DistributedDataParallel`` model; the hook is registered on it (DDP takes one
             communication hook, so this replaces none other).
+
+    Attributes:
+        enabled: record the norms (True) or only average; may change between updates.
 
     Launch (two CPU processes)::
 
@@ -185,6 +191,7 @@ class DDPGradNorms:
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self._local = torch.zeros((), dtype=dtype, device=first.device)
         self._global = torch.zeros((), dtype=dtype, device=first.device)
+        self.enabled = True
         model.register_comm_hook(self, DDPGradNorms._hook)
 
     @staticmethod
@@ -194,9 +201,12 @@ class DDPGradNorms:
 
         buffer = bucket.buffer()
         wide = torch.float64 if buffer.dtype == torch.float64 else torch.float32
-        state._local = state._local + torch.linalg.vector_norm(buffer, dtype=wide).square()
+        if state.enabled:
+            state._local = state._local + torch.linalg.vector_norm(buffer, dtype=wide).square()
         buffer.div_(state._world_size)
         future = dist.all_reduce(buffer, group=state._group, async_op=True).get_future()
+        if not state.enabled:
+            return future.then(lambda fut: fut.value()[0])
 
         def record_global(fut: torch.futures.Future) -> torch.Tensor:
             reduced = fut.value()[0]

@@ -30,6 +30,9 @@ _COLORS = {
     "LB+LR": "#ff7f0e",
     "LB+LR+GBN": "#9467bd",
     "LB+LR+GBN+RA": "#2ca02c",
+    "LB+GBN+AS": "#17becf",
+    "LB+LARS": "#8c564b",
+    "LB+LAMB": "#e377c2",
 }
 
 

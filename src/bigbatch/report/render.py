@@ -244,6 +244,7 @@ def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
         atomic_write(grid.path / FIGURE_DIR / file_name, png)
         doc.image(file_name, png, caption)
 
+    _noise_section(doc, grid)
     doc.heading("Setup")
     doc.items(_setup(grid))
     if (grid.path / "grid.toml").is_file():
@@ -256,6 +257,32 @@ def write_report(grid_dir: str | Path) -> tuple[Path, Path]:
     md_path = atomic_write(grid.path / "report.md", doc.markdown())
     html_path = atomic_write(grid.path / "report.html", doc.html())
     return md_path, html_path
+
+
+def _noise_section(doc: _Doc, grid: GridData) -> None:
+    """B_simple, AdaScale beside +RA and the batch-size advice, when some arm measured them."""
+    from bigbatch.report import noise
+
+    if not noise.measured_arms(grid):
+        return
+    doc.heading("Gradient noise scale and AdaScale")
+    doc.table(*noise.noise_cells(grid))
+    doc.paragraph(_NOISE_NOTE)
+    doc.items(noise.advice_lines(grid))
+    png = noise.plot_noise_scale(grid)
+    if png is not None:
+        atomic_write(grid.path / FIGURE_DIR / "b_simple_updates.png", png)
+        doc.image("b_simple_updates.png", png, "Gradient noise scale B_simple (running estimate) "
+                  "vs updates per arm that measured it, and AdaScale's gain where it ran.")
+
+
+_NOISE_NOTE = (
+    "B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from the squared gradient norms of "
+    "micro-batches (or processes) and of the whole batch, as moving averages; AdaScale's gain r "
+    "multiplies the base lr and its progress tau counts small-batch updates, so its run ends "
+    "when tau reaches SB's updates (+RA takes all of them). The advice lines are what `bigbatch "
+    "advise RUN_DIR` prints for the arm's first complete seed."
+)
 
 
 _RESULTS_NOTE = (

@@ -243,7 +243,9 @@ def arm_settings(grid: GridData) -> list[dict[str, object]]:
             first = runs[0].summary
             for key in ("batch_size", "ghost_batch_size", "lr_scaling", "epochs"):
                 setting[key] = first.get(key)
-        for key in ("updates", "samples"):
+        # AdaScale's regime is its longest run; the epochs it took are the runs' own.
+        adascale = setting.get("lr_scaling") == "adascale"
+        for key in ("updates", "samples", "epochs") if adascale else ("updates", "samples"):
             found = [float(r.summary[key]) for r in runs if is_number(r.summary.get(key))]
             setting[key] = _mean_std(found)[0] if found else None
         previous = out[-1] if out else None

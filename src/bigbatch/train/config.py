@@ -55,6 +55,7 @@ log = logging.getLogger("bigbatch.train")
 RESOLVED_KEY = "resolved"
 
 _DATA, _BATCH, _REGIME = "model and data", "batch", "regime (learning rate, epochs)"
+_NOISE = "gradient noise scale (B_simple, AdaScale)"
 
 
 @dataclasses.dataclass
@@ -99,7 +100,9 @@ class RunConfig:
                                "and regime adaptation use B/B0)", minimum=1, metavar="B0",
                                group=_REGIME)
     lr_scaling: str = key("none", "choice", "scale every lr by (B/B0)**0.5 (sqrt, the paper) or "
-                          "B/B0 (linear)", choices=("none", "sqrt", "linear"), group=_REGIME)
+                          "B/B0 (linear), or by AdaScale's gain from the measured noise "
+                          "(adascale: needs noise_scale)",
+                          choices=("none", "sqrt", "linear", "adascale"), group=_REGIME)
     regime_adaptation: bool | float = key(False, "factor", "train B/B0 times more epochs, every "
                                           "milestone stretched (+RA), or F times more",
                                           metavar="F", group=_REGIME)
@@ -112,6 +115,15 @@ class RunConfig:
     epochs: float | None = key(None, "float", "rescale the base regime to E epochs (milestones "
                                "move proportionally; none: the regime's own)", optional=True,
                                metavar="E", group=_REGIME)
+    noise_scale: bool = key(False, "bool", "measure the gradient noise scale B_simple from the "
+                            "micro-batches (micro_batch_size) or the torchrun processes",
+                            group=_NOISE)
+    noise_scale_every: int = key(4, "int", "measure the noise scale on every K-th update (each "
+                                 "measured update costs a few percent)", minimum=1, metavar="K",
+                                 group=_NOISE)
+    noise_scale_decay: float = key(0.99, "float", "weight of the past in the noise scale's moving "
+                                   "averages, per measurement (in [0, 1])", minimum=0,
+                                   metavar="D", group=_NOISE)
     clip: float | None = key(None, "float", "clip the gradient norm at NORM each update (the "
                              "paper's code: 5; none: off)", optional=True, metavar="NORM",
                              group=_REGIME, old_names=("clip_grad_norm",))
@@ -247,6 +259,7 @@ def _renamed(d: Mapping[str, Any]) -> dict[str, Any]:
 # -- cross-field rules ----------------------------------------------------------------------------
 def _check_cross_fields(cfg: RunConfig) -> None:
     """The rules between keys, one clear message each."""
+    _check_noise_keys(cfg)
     if cfg.ghost_batch_size is not None and cfg.ghost_batch_size > cfg.batch_size:
         raise ConfigError(
             f"ghost_batch_size={cfg.ghost_batch_size} is larger than batch_size={cfg.batch_size}; "
@@ -266,6 +279,30 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             f"so ghost batches would cross micro-batch boundaries; use a multiple of {g} "
             f"(e.g. {max(g, cfg.micro_batch_size // g * g)})"
         )
+
+
+def _check_noise_keys(cfg: RunConfig) -> None:
+    """AdaScale needs the noise measurement and sets the run's length and lr itself."""
+    if cfg.noise_scale_decay > 1:
+        raise ConfigError(f"noise_scale_decay={cfg.noise_scale_decay:g} must be in [0, 1] "
+                          "(0.99 averages over about the last 100 measurements)")
+    if cfg.lr_scaling != "adascale":
+        return
+    if not cfg.noise_scale:
+        raise ConfigError("lr_scaling='adascale' sets the lr from the measured gradient noise: "
+                          "add --noise-scale (noise_scale = true) and a small batch to measure it "
+                          "with (--micro-batch-size, or several torchrun processes)")
+    if cfg.regime_adaptation is not False:
+        raise ConfigError("lr_scaling='adascale' sets the number of updates itself (the run ends "
+                          "when its progress reaches the small-batch run's updates): drop "
+                          "regime_adaptation")
+    if cfg.warmup_epochs:
+        raise ConfigError("warmup_epochs ramps up to a fixed scaled lr, which AdaScale does not "
+                          "have: put a warm-up in the base regime instead (it is followed in "
+                          "AdaScale's progress)")
+    if cfg.batch_size < cfg.base_batch_size:
+        raise ConfigError(f"lr_scaling='adascale' needs batch_size >= base_batch_size, got "
+                          f"{cfg.batch_size} < {cfg.base_batch_size}")
 
 
 def _check_names(cfg: RunConfig) -> None:
@@ -346,7 +383,9 @@ def resolve_regime(config: RunConfig, dataset_size: int):
 
     Base = ``config.regime`` or the model's ``default_regime``, rescaled to ``config.epochs`` if
     given (every milestone moves proportionally). Effective = ``adapt_regime(base, base_batch_size,
-    batch_size, lr_scaling, regime_adaptation, warmup_epochs)``.
+    batch_size, lr_scaling, regime_adaptation, warmup_epochs)``; under ``lr_scaling = "adascale"``
+    the base regime stretched by ``B / B0`` with its lr unscaled (AdaScale's longest run; the loop
+    takes the lr and the end from :class:`~bigbatch.recipes.adascale.AdaScale`).
 
     Args:
         config: the run config.
@@ -366,6 +405,11 @@ def resolve_regime(config: RunConfig, dataset_size: int):
         raise ConfigError(f"regime: {e}") from None
     if config.epochs is not None:
         base = base.with_epochs(config.epochs)
+    if config.lr_scaling == "adascale":
+        # AdaScale follows the base regime in its own progress; the effective regime is the
+        # base one stretched to as many updates as the small batch takes: the longest it can run.
+        return base, adapt_regime(base, config.base_batch_size, config.batch_size,
+                                  lr_scaling="none", regime_adaptation=True)
     effective = adapt_regime(
         base,
         config.base_batch_size,

@@ -46,7 +46,7 @@ import torch
 
 from bigbatch import distributed
 from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.train import rundir
+from bigbatch.train import noise, rundir
 from bigbatch.train.build import (
     Run,
     build_model,
@@ -132,6 +132,7 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
             log.info("%s is already complete", run_dir)
             return done
     run = build_run(config, ctx, run_dir)
+    meter = noise.attach(run)  # None unless --noise-scale; sets the estimator up before restore
     rundir.create_run_dir(run_dir, ctx)  # only now: a run that fails to build leaves nothing
     if ctx.is_main:
         for line in schedule_lines(run.plan):  # what --epochs made of the regime, before it runs
@@ -149,8 +150,10 @@ def _train(config: RunConfig, run_dir: Path, ctx: Any, *, resume: bool, auto_res
         log.info("resumed %s at update %d of %d", run_dir, c.updates, run.plan.num_updates)
     elif ctx.is_main:
         rundir.write_config(run_dir, run.state, run.plan)
-    row = _loop(run, resumed=checkpoint is not None)
+    row = _loop(run, meter, resumed=checkpoint is not None)
     summary = rundir.summary(run_dir, run.state.counters, run.plan, row, is_main=ctx.is_main)
+    if meter is not None:
+        summary.update(meter.summary(run.plan.updates_per_epoch))
     if ctx.is_main:
         rundir.write_summary(run_dir, summary)
     return summary
@@ -166,8 +169,12 @@ class _Clock:
         return c.wall_time_s + (time.perf_counter() - self.since_save)
 
 
-def _loop(run: Run, *, resumed: bool) -> dict[str, Any]:
-    """Every update from ``counters.updates`` to the end; the last evaluation's row."""
+def _loop(run: Run, meter: noise.NoiseMeter | None, *, resumed: bool) -> dict[str, Any]:
+    """Every update from ``counters.updates`` to the end; the last evaluation's row.
+
+    The end is ``plan.num_updates``, or under AdaScale the update at which its progress reaches
+    the small-batch run's number of updates (``meter.done``).
+    """
     from bigbatch.diagnostics import log_spaced_updates
 
     plan, c, config, ctx = run.plan, run.state.counters, run.plan.config, run.ctx
@@ -187,26 +194,29 @@ def _loop(run: Run, *, resumed: bool) -> dict[str, Any]:
     clock, row = _Clock(), {}
     run.train_model.train()
     try:
-        while c.updates < plan.num_updates:
+        while c.updates < plan.num_updates and not (meter is not None and meter.done):
             epoch, step = divmod(c.updates, plan.updates_per_epoch)
             tick = time.perf_counter()
             for x, y in run.train_loader.iterate(epoch, start_step=step, shard=run.shard):
                 # The loader knows the global batch's size: no collective needed to learn it.
                 global_n = run.train_loader.batch_size_at(step)
-                settings = plan.regime.settings_at(epoch + step / plan.updates_per_epoch)
-                loss, time_due = _update(run, x, y, global_n, settings,
+                if run.state.adascale is not None:  # lr = gain x base lr at AdaScale's progress
+                    settings = meter.settings(global_n)
+                else:
+                    settings = plan.regime.settings_at(epoch + step / plan.updates_per_epoch)
+                loss, time_due = _update(run, meter, x, y, global_n, settings,
                                          checkpoint_at=clock.last_checkpoint + ckpt_seconds)
                 step += 1
                 # Time per update includes loading the batch; the host sync in _update has
                 # already waited for the GPU.
                 c.interval_train_time_s += time.perf_counter() - tick
                 progress.update(1, loss=f"{loss:.3f}")
-                done = c.updates >= plan.num_updates
+                done = c.updates >= plan.num_updates or (meter is not None and meter.done)
                 eval_due = done or c.updates % eval_every == 0
                 if c.updates in diffusion_at and not eval_due:
                     _log_diffusion(run, diffusion)  # evaluations log their own row
                 if eval_due:
-                    row = _evaluate(run, metrics, diffusion, progress, clock)
+                    row = _evaluate(run, meter, metrics, diffusion, progress, clock)
                 elif c.updates % plan.updates_per_epoch == 0 or time_due:
                     _save(run, clock, best=False)
                 if done:
@@ -220,9 +230,12 @@ def _loop(run: Run, *, resumed: bool) -> dict[str, Any]:
     return row
 
 
-def _update(run: Run, x: torch.Tensor, y: torch.Tensor, global_n: int, settings: dict, *,
-            checkpoint_at: float) -> tuple[float, bool]:  # fmt: skip
+def _update(run: Run, meter: noise.NoiseMeter | None, x: torch.Tensor, y: torch.Tensor,
+            global_n: int, settings: dict, *, checkpoint_at: float) -> tuple[float, bool]:
     """One optimizer update on this process's slice ``x, y`` of a global batch of ``global_n``.
+
+    On a measured update (``meter``: every ``noise_scale_every``-th) the squared norms of the
+    small-batch and the big-batch gradients are taken before clipping and fed to the estimate.
 
     Returns the mean loss over the global batch, and whether a timed checkpoint is due: rank 0's
     clock (past ``checkpoint_at``) decides, for every process.
@@ -237,9 +250,12 @@ def _update(run: Run, x: torch.Tensor, y: torch.Tensor, global_n: int, settings:
     # A skipped update must leave no trace: the forward pass has already moved the BN running
     # statistics, so keep a copy of the buffers (small) to put back.
     saved = [b.clone() for b in state.model.buffers()] if config.on_nonfinite == "skip" else None
+    measuring = meter is not None and meter.begin(c.updates)
     result = forward_backward(run.train_model, x, y, global_batch_size=global_n,
                               micro_batch_size=config.micro_batch_size, autocast=run.autocast,
-                              no_sync=run.no_sync(), world_size=run.ctx.world_size)  # fmt: skip
+                              no_sync=run.no_sync(), world_size=run.ctx.world_size,
+                              after_backward=meter.after_backward if measuring else None)
+    measured = meter.norms(global_n) if measuring else None  # before clipping changes .grad
     norm = grad_norm(run.params, config.clip)
     time_due = run.ctx.is_main and time.perf_counter() > checkpoint_at
     loss_sum, correct, time_due = _reduce_step(result, time_due, run.ctx)
@@ -250,6 +266,9 @@ def _update(run: Run, x: torch.Tensor, y: torch.Tensor, global_n: int, settings:
     c.samples += global_n
     if math.isfinite(loss_sum) and math.isfinite(norm):
         state.optimizer.step()
+        if measured is not None:
+            small_sq, small_batch, big_sq = measured
+            meter.record(float(small_sq), small_batch, float(big_sq), global_n)
         c.train_loss_sum += loss_sum
         c.train_correct += correct
         c.train_samples += global_n
@@ -286,12 +305,17 @@ def _log_diffusion(run: Run, writer: MetricsLogger | None) -> float:
     return float(total)
 
 
-def _evaluate(run: Run, metrics: MetricsLogger | None, diffusion: MetricsLogger | None,
-              progress: Progress, clock: _Clock) -> dict[str, Any]:  # fmt: skip
-    """Evaluate, write the row, checkpoint (``best.pt`` too on a new best); returns the row."""
+def _evaluate(run: Run, meter: noise.NoiseMeter | None, metrics: MetricsLogger | None,
+              diffusion: MetricsLogger | None, progress: Progress,
+              clock: _Clock) -> dict[str, Any]:  # fmt: skip
+    """Evaluate, write the row, checkpoint (``best.pt`` too on a new best); returns the row.
+
+    The row always has the noise-scale columns (``noise.NOISE_COLUMNS``, empty when off).
+    """
     c = run.state.counters
     distance = _log_diffusion(run, diffusion)
-    row = evaluation_row(run, weight_distance=distance, wall_time_s=clock.wall_time(c))
+    row = {**evaluation_row(run, weight_distance=distance, wall_time_s=clock.wall_time(c)),
+           **noise.noise_columns(meter)}
     if metrics is not None:
         metrics.write(row)
     best = c.end_interval(row["val_error_pct"])

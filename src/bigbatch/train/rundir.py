@@ -219,6 +219,7 @@ def restore(state: TrainState, checkpoint: dict, ctx: Any) -> None:
     state.model.load_state_dict(checkpoint["model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.weight_distance.load_state_dict(checkpoint["weight_distance"])
+    state.load_extra_state_dict(checkpoint)  # the noise-scale averages, AdaScale's progress
     per_rank = checkpoint.get("rng_per_rank") or []
     if ctx.world_size == 1:
         _set_rng_state(checkpoint["rng"], ctx.device)
@@ -299,6 +300,7 @@ def _checkpoint(state: TrainState, plan: Plan, rng_per_rank: list[dict]) -> dict
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "weight_distance": state.weight_distance.state_dict(),
+        **state.extra_state_dict(),
         "rng": rng_per_rank[0],
         "epoch": c.updates // plan.updates_per_epoch,
         "step_in_epoch": c.updates % plan.updates_per_epoch,

@@ -99,12 +99,41 @@ class TrainState:
         optimizer: its optimizer.
         weight_distance: the ``||w - w0||`` origin (``bigbatch.diagnostics.WeightDistance``).
         counters: updates, samples, best error, wall time and the interval's sums.
+        noise_scale: the running noise-scale estimates
+            (``bigbatch.diagnostics.GradientNoiseScale``), ``None`` unless ``noise_scale``.
+        adascale: AdaScale's progress (``bigbatch.recipes.adascale.AdaScale``), ``None`` unless
+            ``lr_scaling = "adascale"``.
     """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     weight_distance: Any
     counters: Counters = dataclasses.field(default_factory=Counters)
+    noise_scale: Any = None
+    adascale: Any = None
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """The noise-scale and AdaScale states as plain numbers (only those the run uses: the
+        checkpoint of a run without them is unchanged)."""
+        return {name: part.state_dict() for name, part in (("noise_scale", self.noise_scale),
+                                                          ("adascale", self.adascale))
+                if part is not None}
+
+    def load_extra_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state_dict` from a checkpoint (exactly: every running average).
+
+        Raises:
+            ValueError: the run measures the noise scale (or uses AdaScale) but the checkpoint
+                holds no such state.
+        """
+        for name in ("noise_scale", "adascale"):
+            part, saved = getattr(self, name), checkpoint.get(name)
+            if part is None:
+                continue
+            if saved is None:
+                raise ValueError(f"the checkpoint holds no {name} state, which this run needs: "
+                                 f"resume with the config the run was started with")
+            part.load_state_dict(saved)
 
     def lr(self) -> float:
         """The learning rate of the first parameter group now."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ def forward_backward(
     autocast: contextlib.AbstractContextManager | None = None,
     no_sync: Any = None,
     world_size: int = 1,
+    after_backward: Callable[[int], None] | None = None,
 ) -> StepResult:
     """Forward and backward over one batch, in micro-batches if asked; gradients are accumulated.
 
@@ -65,6 +67,8 @@ def forward_backward(
         world_size: processes whose gradients DDP *averages*; each summed loss is divided by
             ``global_batch_size / world_size`` so that the average is the gradient of the mean
             over the global batch.
+        after_backward: called with each micro-batch's size after its backward (e.g. the
+            noise-scale measurement's ``MicroBatchGradNorms.end_micro_batch``); ``None`` = none.
 
     Returns:
         :class:`StepResult` with the detached loss sum and top-1 hits of this batch.
@@ -86,6 +90,8 @@ def forward_backward(
                 out = model(xm)
             loss = F.cross_entropy(out.float(), ym, reduction="sum")
             (loss / total).backward()
+        if after_backward is not None:
+            after_backward(len(xm))
         loss_sum += loss.detach()
         correct += (out.detach().argmax(dim=1) == ym).sum()
     return StepResult(loss_sum, correct, n)
