@@ -95,8 +95,7 @@ ARMS: tuple[str, ...] = tuple(ARM_SLUGS)  # the paper's five, then the opt-in on
 
 # "overrides", "differences": what grid.toml records (already applied to [base]/[grid]); a
 # grid.toml is a preset.
-_TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides",
-             "differences")  # fmt: skip
+_TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides", "differences")
 _GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling", *LAYERWISE_LRS)
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
 _ARM_KEYS = ("batch_size", "seed", "lr_scaling", "ghost_batch_size", "regime_adaptation")

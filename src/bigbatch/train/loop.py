@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 from bigbatch import distributed
-from bigbatch.errors import ConfigError, DivergenceError
-from bigbatch.train import noise, rundir
+from bigbatch.errors import ConfigError
+from bigbatch.train import divergence, noise, rundir
 from bigbatch.train.build import (
     Run,
     build_model,
@@ -58,7 +58,7 @@ from bigbatch.train.config import RunConfig, base_regime_dict
 from bigbatch.train.evaluation import evaluate, evaluation_row
 from bigbatch.train.metrics import MetricsLogger
 from bigbatch.train.progress import Progress, resolve_progress_mode
-from bigbatch.train.step import StepResult, finite_params, forward_backward, grad_norm
+from bigbatch.train.step import StepResult, forward_backward, grad_norm
 
 __all__ = ["StepResult", "build_model", "evaluate", "forward_backward", "train"]  # re-exported
 
@@ -273,7 +273,7 @@ def _update(run: Run, meter: noise.NoiseMeter | None, x: torch.Tensor, y: torch.
         c.train_correct += correct
         c.train_samples += global_n
     else:
-        _nonfinite(run, loss_sum, norm, settings)
+        divergence.nonfinite_update(run, loss_sum, norm, settings)
         with torch.no_grad():
             for b, old in zip(state.model.buffers(), saved or [], strict=False):
                 b.copy_(old)
@@ -334,41 +334,9 @@ def _save(run: Run, clock: _Clock, *, best: bool) -> None:
     # The running statistics are averaged over processes so that the checkpoint does not hold
     # rank 0's alone.
     distributed.average_bn_running_stats(run.state.model, run.ctx)
-    # Never let NaN weights replace the last good checkpoint.
-    if not finite_params(run.state.model):
-        raise DivergenceError(
-            f"the weights became NaN/Inf by update {run.state.counters.updates}; "
-            f"{run.run_dir / rundir.CHECKPOINT_DIR / 'last.pt'} keeps the last good state. "
-            + _DIVERGENCE_HINT
-        )
+    divergence.check_weights(run)  # never let NaN weights replace the last good checkpoint
     # Fold the time since the last save into the counter that the checkpoint carries.
     run.state.counters.wall_time_s = clock.wall_time(run.state.counters)
     clock.since_save = time.perf_counter()
     rundir.save(run.run_dir, run.state, run.plan, run.ctx, best=best)
     clock.last_checkpoint = time.perf_counter()
-
-
-def _nonfinite(run: Run, loss_sum: float, norm: float, settings: dict[str, Any]) -> None:
-    """Stop (``DivergenceError``, ``summary.json`` says diverged) or count a skipped update."""
-    c, config = run.state.counters, run.plan.config
-    lr = settings.get("lr", run.state.lr())
-    where = (f"update {c.updates} of {run.plan.num_updates} "
-             f"(epoch {run.plan.epoch(c.updates):.2f}, lr {lr:.4g})")  # fmt: skip
-    what = f"loss sum {loss_sum} and gradient norm {norm}"
-    if config.on_nonfinite == "stop":
-        if run.ctx.is_main:
-            message = f"non-finite {what} at {where}"
-            rundir.write_failed_summary(run.run_dir, config, c.updates, message)
-        last = run.run_dir / rundir.CHECKPOINT_DIR / "last.pt"
-        kept = f"{last} keeps the last good state" if last.exists() else "no checkpoint yet"
-        raise DivergenceError(f"training diverged at {where}: {what} ({kept}). " + _DIVERGENCE_HINT)
-    c.skipped_steps += 1
-    run.state.optimizer.zero_grad(set_to_none=True)
-    log.warning("skipped %s: %s (%d skipped so far)", where, what, c.skipped_steps)
-
-
-_DIVERGENCE_HINT = (
-    "The learning rate is probably too high for this batch size: try a linear warm-up "
-    "(--warmup-epochs), a gentler --lr-scaling (sqrt instead of linear, or none), gradient "
-    "clipping (--clip), or --on-nonfinite skip to skip such updates."
-)
