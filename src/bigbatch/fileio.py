@@ -49,6 +49,7 @@ __all__ = [
     "atomic_write_text",
     "drop_none",
     "parse_data_text",
+    "plain",
     "remove_stale_temp_files",
     "storage_error",
 ]
@@ -189,6 +190,22 @@ def parse_data_text(text: str, fmt: str, context: str) -> Any:
         raise ConfigError(f"{context}: {first}") from None
 
 
+def plain(v: Any, *, keep_none: bool = True) -> Any:
+    """A deep copy of plain data: mappings become dicts, tuples lists (what TOML/YAML writers and
+    users expect); ``keep_none=False`` also leaves out ``None`` values (TOML has no null).
+
+    Example:
+        >>> plain({"a": (1, 2), "b": None})
+        {'a': [1, 2], 'b': None}
+    """
+    if isinstance(v, Mapping):
+        return {k: plain(x, keep_none=keep_none) for k, x in v.items()
+                if keep_none or x is not None}
+    if isinstance(v, (list, tuple)):
+        return [plain(x, keep_none=keep_none) for x in v]
+    return v
+
+
 def drop_none(v: Any) -> Any:
     """Plain data without its ``None`` values (TOML has no null), recursively.
 
@@ -196,8 +213,4 @@ def drop_none(v: Any) -> Any:
         >>> drop_none({"a": 1, "b": None, "c": [{"d": None}]})
         {'a': 1, 'c': [{}]}
     """
-    if isinstance(v, Mapping):
-        return {k: drop_none(x) for k, x in v.items() if x is not None}
-    if isinstance(v, (list, tuple)):
-        return [drop_none(x) for x in v]
-    return v
+    return plain(v, keep_none=False)

@@ -25,7 +25,7 @@ from numbers import Real
 from typing import Any
 
 from bigbatch.errors import ConfigError
-from bigbatch.fileio import parse_data_text
+from bigbatch.fileio import parse_data_text, plain
 from bigbatch.recipes.optim import _check_setting_names, _optimizer_class, _unknown
 
 __all__ = ["SCHEDULES", "Regime"]
@@ -97,15 +97,6 @@ def _setting(where: str, value: object) -> Any:
         return tuple(_setting(f"{where}[{i}]", v) for i, v in enumerate(value))
     raise ConfigError(f"{where} must be a number, bool, string or list of numbers, "
                       f"got {type(value).__name__} {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples back to lists, read-only dicts to dicts: what TOML/YAML writers and users expect."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _tidy_epoch(x: float) -> int | float:
@@ -251,8 +242,8 @@ class Regime:
             "schedule": self.schedule,
             "warmup_epochs": _tidy_epoch(self.warmup_epochs),
             "warmup_start_factor": self.warmup_start_factor,
-            "optimizer_options": _plain(self.optimizer_options),
-            "phases": [{"epoch": _tidy_epoch(p["epoch"]), **_plain({k: v for k, v in p.items()
+            "optimizer_options": plain(self.optimizer_options),
+            "phases": [{"epoch": _tidy_epoch(p["epoch"]), **plain({k: v for k, v in p.items()
                                                                      if k != "epoch"})}
                        for p in self.phases],
         }

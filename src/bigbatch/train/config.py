@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError
-from bigbatch.fileio import drop_none
-from bigbatch.train.keys import Key, check, copy_plain, key, read_table_file
+from bigbatch.fileio import drop_none, plain
+from bigbatch.train.keys import Key, check, key, read_table_file
 
 __all__ = [
     "RESOLVED_KEY",
@@ -200,7 +200,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data copy (nested dicts copied), ``None`` values included."""
-        return {f.name: copy_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_toml(self, extra: Mapping[str, Any] | None = None) -> str:
         """TOML text of the config; ``None`` values are omitted (they are the defaults' "unset").
@@ -372,10 +372,10 @@ def merge_config(
 def base_regime_dict(config: RunConfig) -> dict[str, Any]:
     """The regime the run starts from: ``config.regime`` or the model's default regime (a copy)."""
     if config.regime is not None:
-        return copy_plain(config.regime)
+        return plain(config.regime)
     from bigbatch import models
 
-    return copy_plain(dict(models.get_spec(config.model).default_regime))
+    return plain(dict(models.get_spec(config.model).default_regime))
 
 
 def resolve_regime(config: RunConfig, dataset_size: int):

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError
+from bigbatch.fileio import plain
 
-__all__ = ["KINDS", "Key", "check", "copy_plain", "key", "read_table_file"]
+__all__ = ["KINDS", "Key", "check", "key", "read_table_file"]
 
 # str: any non-empty string; path: a non-empty path string; table: a table of keyword options;
 # factor: true/false or a number > 0; regime: a regime table or the path of a regime file;
@@ -72,7 +73,7 @@ def key(default: Any, kind: str, help: str, **spec: Any) -> Any:  # noqa: A002 -
     """A dataclass field with ``default`` (a copy per instance for a dict) and its :class:`Key`."""
     metadata = {"key": Key(kind, help, **spec)}
     if isinstance(default, (dict, list)):
-        return dataclasses.field(default_factory=lambda: copy_plain(default), metadata=metadata)
+        return dataclasses.field(default_factory=lambda: plain(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -133,7 +134,7 @@ def _check_regime(name: str, v: Any, spec: Key) -> dict:
     if not isinstance(v, Mapping):
         _fail(name, v, "a regime table (optimizer, epochs, phases, ...), a regime file "
               "(.toml, .yaml) or none")
-    v = copy_plain(dict(v))
+    v = plain(dict(v))
     try:
         Regime.from_dict(v)
     except ConfigError as e:
@@ -226,12 +227,3 @@ def read_table_file(path: str | Path, *, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{what} {str(path)!r} must hold a table of keys, got {type(d).__name__}")
     return d
-
-
-def copy_plain(v: Any) -> Any:
-    """A deep copy of plain data (mappings become dicts, tuples lists)."""
-    if isinstance(v, Mapping):
-        return {k: copy_plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [copy_plain(x) for x in v]
-    return v
