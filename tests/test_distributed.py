@@ -323,3 +323,43 @@ def test_collectives_for_sharded_evaluation(dist_results):
         assert info["floats_sum"] == [1.0, 1.0]
         assert info["float_sum"] == 5.0
         assert info["broadcast"] == {"from": 0}
+
+
+# -------------------------------------------------------------------------------------------------
+# Teardown right after a collective, with DDP kept alive by an exception's traceback
+# -------------------------------------------------------------------------------------------------
+TEARDOWN_ROUNDS = 8
+
+
+class _Raised(Exception):
+    pass
+
+
+def _gather_then_raise(model: nn.Module, ctx: DistContext) -> None:
+    model(torch.randn(4, 3)).sum().backward()
+    distributed.gather_objects({"rank": ctx.rank}, ctx)
+    raise _Raised  # the traceback holds this frame, and with it the DDP model
+
+
+def _teardown_worker(rank: int, ports: list[int], drain_s: float) -> None:
+    torch.set_num_threads(1)
+    distributed._GLOO_DRAIN_S = drain_s
+    for port in ports:  # a new process group each round: the race is per teardown
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        ctx = distributed.setup("cpu")
+        try:
+            _gather_then_raise(distributed.wrap_model(nn.Linear(3, 2), ctx), ctx)
+        except _Raised as exc:
+            raised = exc
+        distributed.teardown(ctx)
+        del raised  # frees DDP's Reducer, the group's last owner, with the GIL held
+
+
+@pytest.mark.distributed
+def test_teardown_right_after_a_collective_does_not_deadlock():
+    # Without teardown's pause, ~ProcessGroupGloo (run from the Reducer's destructor, GIL held)
+    # joins a gloo thread that waits for the GIL to free the gathered tensors: with the pause
+    # off, 3 of 4 six-round jobs hung (pytorch/pytorch#56297; it hung test_distributed_rng in CI).
+    ports = [free_port() for _ in range(TEARDOWN_ROUNDS)]
+    spawn_and_wait(_teardown_worker, (ports, distributed._GLOO_DRAIN_S), WORLD_SIZE, timeout_s=90)

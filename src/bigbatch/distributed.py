@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -215,9 +216,23 @@ def elastic_job_id() -> str | None:
     return f"{socket.gethostname()}:{os.getppid()}"
 
 
+# How long teardown hands the GIL to gloo's worker threads before the process group can be freed.
+_GLOO_DRAIN_S = 0.2
+
+
 def teardown(ctx: DistContext) -> None:
-    """Destroy the process group that :func:`setup` created (no-op when disabled)."""
+    """Destroy the process group that :func:`setup` created (no-op when disabled).
+
+    Under gloo it first sleeps :data:`_GLOO_DRAIN_S`, releasing the GIL. A gloo worker thread
+    frees a finished collective's tensors only after ``wait()`` has returned, and freeing a
+    tensor made in Python takes the GIL. ``~ProcessGroupGloo`` joins those threads, and when the
+    last owner of the group is DDP's ``Reducer`` (kept alive, for instance, by the traceback of an
+    exception raised right after a collective), it runs with the GIL held: the two wait for each
+    other forever (pytorch/pytorch#56297). The sleep lets every pending free finish first.
+    """
     if ctx.enabled and dist.is_initialized():
+        if dist.get_backend() == "gloo" and _GLOO_DRAIN_S > 0:
+            time.sleep(_GLOO_DRAIN_S)
         dist.destroy_process_group()
 
 
