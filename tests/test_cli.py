@@ -48,6 +48,16 @@ def test_regime_prints_before_and_after(capsys):
     assert "small batch" in out and "0.565685 @ ep 0" in out and "1600" in out
 
 
+def test_regime_under_adascale_shows_its_longest_run_and_says_it_is_decided_online(capsys):
+    assert main(["regime", "--model", "f1", "--batch-size", "4096", "--lr-scaling", "adascale",
+                 "--dataset-size", "16384"]) == 0
+    out = capsys.readouterr().out
+    assert "AdaScale decides during training" in out and "between 1 and 32" in out
+    lr_row = next(line for line in out.splitlines() if line.startswith("lr, phase 1"))
+    assert lr_row.split()[3:] == ["0.1", "@", "ep", "0", "0.1", "@", "ep", "0"]  # lr unscaled
+    assert "1600" in out  # the base regime stretched by B/B0: AdaScale's longest run
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -221,6 +221,7 @@ def test_setup_outside_torchrun_is_disabled_and_initialises_nothing(no_torchrun)
     model = nn.Linear(2, 2)
     assert distributed.wrap_model(model, ctx) is model
     assert distributed.unwrap(model) is model
+    assert distributed.unwrap(nn.DataParallel(model)) is model
     metrics = {"correct": 3, "loss": 1.5}
     assert distributed.reduce_metrics(metrics, ctx) == metrics
     assert distributed.broadcast_object([1, 2], ctx) == [1, 2]

@@ -54,6 +54,26 @@ def test_save_then_restore_gives_back_the_whole_state(tmp_path):
     assert (tmp_path / "checkpoints" / "best.pt").is_file()
 
 
+def test_samples_of_an_untimed_old_checkpoint_stay_out_of_the_throughput(tmp_path):
+    ctx = DistContext()
+    run = build_run(_config(), ctx, tmp_path)
+    _trained_a_little(run)  # 768 samples
+    rundir.save(tmp_path, run.state, run.plan, ctx, best=False)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    for key in ("train_time_s", "interval_train_time_s", "interval_samples", "untimed_samples"):
+        del checkpoint["counters"][key]  # as bigbatch < 0.2 wrote it: training was not timed
+    fresh = build_run(_config(), ctx, tmp_path)
+    rundir.restore(fresh.state, checkpoint, ctx)
+    c = fresh.state.counters
+    assert (c.samples, c.untimed_samples, c.train_time_s) == (768, 768, 0.0)
+    c.samples, c.train_time_s = 768 + 256, 0.5  # one timed update after the resume
+    summary = rundir.summary(tmp_path, c, fresh.plan, {}, is_main=False)
+    assert summary["train_samples_per_s"] == 512  # not (768 + 256) / 0.5
+
+    rundir.restore(fresh.state, load_checkpoint(tmp_path / "checkpoints" / "last.pt"), ctx)
+    assert fresh.state.counters.untimed_samples == 0  # a timed checkpoint: every sample counts
+
+
 def test_a_resume_with_another_config_is_refused_naming_the_key(tmp_path):
     ctx = DistContext()
     run = build_run(_config(), ctx, tmp_path)

@@ -189,11 +189,21 @@ def cmd_regime(args: argparse.Namespace) -> int:
     models.get_spec(args.model)  # an unknown model fails first, with a did-you-mean
     dataset = args.dataset or RunConfig().dataset  # the dataset `train` would use
     keys = {"model": args.model, "dataset": dataset, "batch_size": args.batch_size}
-    config = RunConfig.from_dict({**keys, **key_values(args, REGIME_KEYS)})
+    values = key_values(args, REGIME_KEYS)
+    if values.get("lr_scaling") == "adascale":
+        keys["noise_scale"] = True  # what a run needs; here only its longest schedule is shown
+    config = RunConfig.from_dict({**keys, **values})
     size = _dataset_size(args, dataset)
     before, after = resolve_regime(config, size)
     print(f"{config.model} on {dataset} ({size} training samples), lr scaling "
           f"{config.lr_scaling}, regime adaptation {config.regime_adaptation}")
+    if config.lr_scaling == "adascale":
+        scale = config.batch_size / config.base_batch_size
+        print(f"AdaScale decides during training (with --noise-scale): lr = gain x the base lr, "
+              f"the gain between 1 and {scale:g} from the measured noise, and the run ends when "
+              f"its progress reaches the small batch's updates. The large-batch column is its "
+              f"longest run (gain 1 throughout); an all-noise gradient needs {scale:g}x fewer "
+              f"updates.")
     print(format_adaptation_table(before, after, base_batch_size=config.base_batch_size,
                                   batch_size=config.batch_size, dataset_size=size))
     return 0

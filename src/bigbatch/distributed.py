@@ -282,14 +282,16 @@ def wrap_model(model: nn.Module, ctx: DistContext, **ddp_options: Any) -> nn.Mod
 
 
 def _unwrap_once(model: nn.Module) -> nn.Module | None:
-    if isinstance(model, DistributedDataParallel):
+    if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
         return model.module
     # torch.compile returns an OptimizedModule that keeps the original in _orig_mod.
     return getattr(model, "_orig_mod", None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and ``torch.compile`` wrappers (for state_dict and evaluation)."""
+    """The plain model inside DDP, ``nn.DataParallel`` and ``torch.compile`` wrappers (for
+    state_dict and evaluation), found by type: not by stripping a ``module.`` prefix from names,
+    which would break a model that owns a submodule called ``module``."""
     while (inner := _unwrap_once(model)) is not None:
         model = inner
     return model

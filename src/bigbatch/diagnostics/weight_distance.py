@@ -25,23 +25,6 @@ __all__ = [
 ]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names we use: DDP, torch.compile and DataParallel removed.
-
-    :func:`bigbatch.distributed.unwrap` removes DDP and ``torch.compile`` by type (not by
-    stripping a ``module.`` prefix from names, which would break a model owning a submodule called
-    ``module``); ``nn.DataParallel``, which it does not know, is removed here.
-    """
-    from torch.nn import DataParallel
-
-    from bigbatch.distributed import unwrap
-
-    model = unwrap(model)
-    while isinstance(model, DataParallel):
-        model = unwrap(model.module)
-    return model
-
-
 class WeightDistance:
     """``||w_t - w_0||`` over all parameters of a model, and per parameter.
 
@@ -64,8 +47,10 @@ class WeightDistance:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        from bigbatch.distributed import unwrap  # DDP, DataParallel, torch.compile: by type
+
         self._w0: dict[str, torch.Tensor] = {
-            name: p.detach().clone() for name, p in _unwrap(model).named_parameters()
+            name: p.detach().clone() for name, p in unwrap(model).named_parameters()
         }
 
     def __call__(self, model: nn.Module) -> tuple[float, dict[str, float]]:
@@ -80,7 +65,9 @@ class WeightDistance:
         """
         import torch
 
-        params = dict(_unwrap(model).named_parameters())
+        from bigbatch.distributed import unwrap
+
+        params = dict(unwrap(model).named_parameters())
         self._check(params.keys(), {k: tuple(p.shape) for k, p in params.items()}, "the model")
         if not params:
             return 0.0, {}

@@ -229,6 +229,8 @@ def restore(state: TrainState, checkpoint: dict, ctx: Any) -> None:
         seed = distributed.rank_seed(int(checkpoint["config"].get("seed", 0)), ctx.rank)
         torch.manual_seed((seed + checkpoint["updates"]) & (2**63 - 1))
     state.counters = Counters(**checkpoint["counters"])
+    if "train_time_s" not in checkpoint["counters"]:  # bigbatch < 0.2 did not time training
+        state.counters.untimed_samples = state.counters.samples
 
 
 def truncate_outputs(run_dir: Path, updates: int) -> None:
@@ -363,7 +365,8 @@ def summary(run_dir: Path, counters: Counters, plan: Plan, row: dict[str, Any],
         "final_weight_distance": last.get("weight_distance"),
         "wall_time_s": c.wall_time_s,
         "train_time_s": train_time,
-        "train_samples_per_s": c.samples / train_time if train_time > 0 else None,
+        "train_samples_per_s": (c.samples - c.untimed_samples) / train_time
+        if train_time > 0 else None,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "world_size": plan.world_size,

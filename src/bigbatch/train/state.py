@@ -37,6 +37,9 @@ class Counters:
     wall_time_s: float = 0.0
     # time in updates (their batches loaded), evaluations and checkpoints excluded: closed intervals
     train_time_s: float = 0.0
+    # samples trained before a resume from a checkpoint that did not time training (bigbatch
+    # < 0.2): left out of train_samples_per_s, whose time they are not in
+    untimed_samples: int = 0
     # train averages since the last evaluation
     train_loss_sum: float = 0.0
     train_correct: float = 0.0
