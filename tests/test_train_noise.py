@@ -70,31 +70,30 @@ def _ddp_worker(rank: int, port: int, out_dir: str, config: dict) -> None:
 
 
 @pytest.mark.distributed
-def test_two_process_source_matches_the_one_process_estimate(tmp_path):
-    # No micro-batches: each process's local gradient (64 samples) is the small batch.
-    config = {**BASE, "batch_size": 128, "epochs": 1, **FIRST_ONLY}
+@pytest.mark.parametrize(
+    ("changes", "small", "other"),
+    [
+        # No micro-batches: each process's local gradient (64 samples) is the small batch.
+        ({"batch_size": 128}, 64, None),
+        # Micro-batches win over the processes: 2 x 128 per process, each split into 2 x 64. The
+        # hooks see each micro-batch's local gradient before DDP's all-reduce, and the squared
+        # norms are averaged over processes: the four 64-sample batches of one process with them.
+        # The per-process (128-sample) estimate differs, so the test sees which one was used.
+        ({"batch_size": 256, "micro_batch_size": 64}, 64, 128),
+    ],
+    ids=["processes", "processes-and-micro-batches"],
+)
+def test_two_process_sources_match_the_one_process_estimate(tmp_path, changes, small, other):
+    config = {**BASE, **changes, "epochs": 1, **FIRST_ONLY}
     spawn_and_wait(_ddp_worker, (free_port(), str(tmp_path), config), 2, timeout_s=120)
     measured = _measured(tmp_path / "run")
-    expected = _first_update_estimate(RunConfig(**config), 64, tmp_path)
+    expected = _first_update_estimate(RunConfig(**config), small, tmp_path)
     assert measured["num_updates"] == 1
     assert measured["grad_sq_norm"] == pytest.approx(expected.grad_sq_norm, rel=1e-4)
     assert measured["trace_sigma"] == pytest.approx(expected.trace_sigma, rel=1e-4)
-
-
-@pytest.mark.distributed
-def test_two_processes_with_micro_batches_match_the_one_process_estimate(tmp_path):
-    # Micro-batches win over the processes: 2 x 128 per process, each split into 2 x 64. The
-    # hooks see each micro-batch's local gradient before DDP's all-reduce, and the squared norms
-    # are averaged over processes: the same four 64-sample batches as one process with them.
-    config = {**BASE, "batch_size": 256, "micro_batch_size": 64, "epochs": 1, **FIRST_ONLY}
-    spawn_and_wait(_ddp_worker, (free_port(), str(tmp_path), config), 2, timeout_s=120)
-    measured = _measured(tmp_path / "run")
-    expected = _first_update_estimate(RunConfig(**config), 64, tmp_path)
-    assert measured["num_updates"] == 1
-    assert measured["grad_sq_norm"] == pytest.approx(expected.grad_sq_norm, rel=1e-4)
-    assert measured["trace_sigma"] == pytest.approx(expected.trace_sigma, rel=1e-4)
-    per_process = _first_update_estimate(RunConfig(**config), 128, tmp_path / "per-process")
-    assert measured["trace_sigma"] != pytest.approx(per_process.trace_sigma, rel=0.05)
+    if other is not None:
+        wrong = _first_update_estimate(RunConfig(**config), other, tmp_path / "other")
+        assert measured["trace_sigma"] != pytest.approx(wrong.trace_sigma, rel=0.05)
 
 
 def _rows(run_dir: Path, drop=()) -> list[dict]:
