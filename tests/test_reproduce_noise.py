@@ -6,10 +6,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import tomli_w
 
 from bigbatch.cli import main
 from bigbatch.errors import ConfigError
-from bigbatch.reproduce import PAPER_ARMS, apply_settings, arm_configs, load_preset, run_grid
+from bigbatch.reproduce import (
+    PAPER_ARMS,
+    _check_same_grid,
+    apply_settings,
+    arm_configs,
+    load_preset,
+    preset_differences,
+    run_grid,
+)
 
 MINI = """
 name = "mini-noise"
@@ -32,6 +41,38 @@ arms = ["SB", "LB+LR+GBN+RA", "LB+GBN+AS", "LB+LARS", "LB+LAMB"]
 """
 
 
+@pytest.mark.parametrize(
+    ("old_grid", "refused"),
+    [
+        ({"arms": list(PAPER_ARMS)}, False),  # never ran LB+LAMB: nothing to contradict
+        ({"arms": ["LB+LAMB"]}, True),  # ran it at the default 0.01, the demo now says 0.02
+        ({"arms": ["LB+LAMB"], "lamb_lr": 0.02}, False),
+        ({"arms": ["LB+LARS"]}, False),  # the default 2.0 is what the demo sets
+    ],
+)
+def test_a_grid_directory_refuses_only_peak_lrs_its_runs_used(tmp_path, old_grid, refused):
+    demo = load_preset("demo")
+    old = {**demo, "grid": {**{k: v for k, v in demo["grid"].items()
+                               if k not in ("lars_lr", "lamb_lr")}, **old_grid}}  # fmt: skip
+    (tmp_path / "grid.toml").write_text(tomli_w.dumps(old))
+    if refused:
+        with pytest.raises(ConfigError, match=r"\[grid\] lamb_lr: 0.01 -> 0.02"):
+            _check_same_grid(tmp_path, demo)
+    else:
+        assert _check_same_grid(tmp_path, demo) is not None
+
+
+def test_peak_lrs_of_arms_a_grid_did_not_run_are_no_difference_from_the_preset():
+    demo = load_preset("demo")
+    before_tuning = {k: v for k, v in demo["grid"].items() if k not in ("lars_lr", "lamb_lr")}
+    assert preset_differences(demo, {**demo, "grid": before_tuning}) == []  # an older make demo
+    with_lamb = {**before_tuning, "arms": [*PAPER_ARMS, "LB+LAMB"]}
+    assert preset_differences(demo, {**demo, "grid": with_lamb}) == [
+        "[grid] arms: [SB, LB, LB+LR, LB+LR+GBN, LB+LR+GBN+RA] -> "
+        "[SB, LB, LB+LR, LB+LR+GBN, LB+LR+GBN+RA, LB+LAMB]",
+        "[grid] lamb_lr: 0.02 -> 0.01"]  # fmt: skip
+
+
 def test_the_new_arms_are_opt_in_and_documented():
     assert load_preset("demo")["grid"]["arms"] == list(PAPER_ARMS)  # make demo's five arms
     demo = apply_settings(load_preset("demo"), ['arms=["LB+GBN+AS", "LB+LARS", "LB+LAMB"]'])
@@ -43,7 +84,7 @@ def test_the_new_arms_are_opt_in_and_documented():
     assert lars["optimizer"] == "LARS" and [p["lr"] for p in lars["phases"]] == \
         pytest.approx([2.0, 0.2, 0.02])  # the documented lr, the regime's drops kept
     assert lamb["optimizer"] == "LAMB" and "momentum" not in lamb["phases"][0]
-    assert lamb["phases"][0]["lr"] == 0.01
+    assert lamb["phases"][0]["lr"] == 0.02  # the demo's own (tuned) peak lr; the default is 0.01
     with pytest.raises(ConfigError, match="lars_lr must be a number > 0"):
         apply_settings(load_preset("demo"), ["lars_lr=-1"])
 

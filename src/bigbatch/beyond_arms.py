@@ -14,8 +14,9 @@ LB+LAMB         the same with LAMB (its own betas; momentum dropped), peak lr ``
                 (default 0.01: about 1 % of each layer's norm per update)
 ==============  =====================================================================
 
-Neither lars_lr nor lamb_lr is tuned for any preset: they are round numbers from the
-trust-ratio arithmetic above; a preset that uses the arms should set its own.
+The defaults are round numbers from the trust-ratio arithmetic above, not tuned; a preset that
+uses the arms should set its own. The demo preset does (``lars_lr = 2.0``, ``lamb_lr = 0.02``: the
+best of a sweep on it, ``benchmarks/RESULTS.md``).
 
 Example:
     >>> swap_optimizer({"epochs": 2, "phases": [{"epoch": 0, "lr": 0.1, "momentum": 0.9},
@@ -30,7 +31,8 @@ from typing import Any
 
 from bigbatch.errors import ConfigError
 
-__all__ = ["LAYERWISE_LRS", "OPT_IN_ARMS", "arm_settings", "check_grid", "swap_optimizer"]
+__all__ = ["LAYERWISE_LRS", "OPT_IN_ARMS", "arm_settings", "check_grid", "layerwise_lr_changes",
+           "swap_optimizer"]
 
 OPT_IN_ARMS = {"LB+GBN+AS": "lb_gbn_as", "LB+LARS": "lb_lars", "LB+LAMB": "lb_lamb"}
 # The documented peak lrs of the LARS / LAMB arms and the regime settings each optimizer keeps.
@@ -46,6 +48,26 @@ def check_grid(grid: Mapping[str, Any]) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not value > 0):
             raise ConfigError(f"[grid] {key} must be a number > 0, got {value!r}")
+
+
+def layerwise_lr_changes(before: Mapping[str, Any], after: Mapping[str, Any],
+                         arms: Any) -> list[str]:
+    """``[grid] lars_lr`` / ``lamb_lr`` changes from grid ``before`` to ``after`` that matter.
+
+    A peak lr counts only for a grid that runs its arm (``arms``: a grid that never ran LB+LAMB
+    has no result that another ``lamb_lr`` would change), and an unset one is its default.
+
+    Example:
+        >>> old = {"arms": ["SB", "LB+LAMB"], "lars_lr": 1.0}
+        >>> layerwise_lr_changes(old, {"lamb_lr": 0.02, "lars_lr": 2.0}, old["arms"])
+        ['[grid] lamb_lr: 0.01 -> 0.02']
+    """
+    changes = []
+    for arm, (_, key, default, _) in _LAYERWISE.items():
+        old, new = before.get(key, default), after.get(key, default)
+        if arm in arms and old != new:
+            changes.append(f"[grid] {key}: {old!r} -> {new!r}")
+    return changes
 
 
 def arm_settings(base: Any, grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

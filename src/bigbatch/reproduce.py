@@ -93,8 +93,7 @@ PAPER_ARMS: tuple[str, ...] = tuple(ARM_SLUGS)
 ARM_SLUGS.update(beyond_arms.OPT_IN_ARMS)
 ARMS: tuple[str, ...] = tuple(ARM_SLUGS)  # the paper's five, then the opt-in ones
 
-# "overrides", "differences": what grid.toml records (already applied to [base]/[grid]); a
-# grid.toml is a preset.
+# "overrides", "differences": what grid.toml records (applied to [base]/[grid]; it is a preset).
 _TOP_KEYS = ("name", "description", "base", "grid", "paper", "evidence", "overrides", "differences")
 _GRID_KEYS = ("seeds", "large_batch_size", "ghost_batch_size", "arms", "lr_scaling", *LAYERWISE_LRS)
 # RunConfig keys each arm sets itself; a preset's [base] setting them would be silently overridden.
@@ -255,15 +254,13 @@ def _check_same_grid(out_dir: Path, preset: dict[str, Any]) -> dict[str, Any] | 
                 if RENAMED_KEYS.get(k, k) not in RESUME_FREE_KEYS}
 
     old_base, new_base = comparable(old.get("base", {})), comparable(preset["base"])
-    diffs = [
-        f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
-        for k in sorted(set(old_base) | set(new_base))
-        if old_base.get(k) != new_base.get(k)
-    ]
+    diffs = [f"[base] {k}: {old_base.get(k)!r} -> {new_base.get(k)!r}"
+             for k in sorted(set(old_base) | set(new_base)) if old_base.get(k) != new_base.get(k)]
     old_grid = old.get("grid", {})
-    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling", *LAYERWISE_LRS):
+    for key in ("large_batch_size", "ghost_batch_size", "lr_scaling"):
         if old_grid.get(key) != preset["grid"].get(key):
             diffs.append(f"[grid] {key}: {old_grid.get(key)!r} -> {preset['grid'].get(key)!r}")
+    diffs += beyond_arms.layerwise_lr_changes(old_grid, preset["grid"], old_grid.get("arms", ()))
     if diffs:
         raise ConfigError(
             f"{out_dir} already holds a different grid ({'; '.join(diffs[:3])}); its complete runs "
@@ -370,15 +367,16 @@ def preset_differences(preset: Mapping[str, Any], grid: Mapping[str, Any]) -> li
     from bigbatch.train.config import RESUME_FREE_KEYS
 
     lines = []
-    for table, keys in (("base", None), ("grid", ("seeds", "arms", *_GRID_KEYS[1:]))):
+    for table, keys in (("base", None), ("grid", _GRID_KEYS[:-len(LAYERWISE_LRS)])):
         old, new = drop_none(preset[table]), drop_none(grid[table])
         for key in keys or sorted(set(old) | set(new)):
-            if key in RESUME_FREE_KEYS or old.get(key) == new.get(key):
+            pair = old.get(key), new.get(key)
+            if key in RESUME_FREE_KEYS or pair[0] == pair[1]:
                 continue
-            before, after = (repr(v) if v is not None else "unset" for v in (old.get(key),
-                                                                             new.get(key)))
+            before, after = ("unset" if v is None else repr(v) for v in pair)
             lines.append(f"[{table}] {key}: {before} -> {after}".replace("'", ""))
-    return lines
+    return lines + beyond_arms.layerwise_lr_changes(preset["grid"], grid["grid"],
+                                                    grid["grid"]["arms"])
 
 
 def _write_record(out_dir: Path, original: dict[str, Any], resolved: dict[str, Any],
