@@ -45,24 +45,11 @@ from bigbatch.errors import ConfigError
 from bigbatch.machine import resolve_device
 
 __all__ = [
-    "DistContext",
-    "all_reduce_sum",
-    "elastic_job_id",
-    "elastic_restart_count",
-    "gather_objects",
-    "launcher_rank",
-    "average_bn_running_stats",
-    "barrier",
-    "broadcast_object",
-    "no_sync_context",
-    "rank_seed",
-    "reduce_metrics",
-    "setup",
-    "teardown",
-    "under_torchrun",
-    "unwrap",
-    "wrap_model",
-]
+    "all_reduce_sum", "average_bn_running_stats", "barrier", "broadcast_object", "DistContext",
+    "elastic_job_id", "elastic_restart_count", "gather_objects", "launcher_rank",
+    "no_sync_context", "rank_seed", "reduce_metrics", "setup", "teardown", "under_torchrun",
+    "unwrap", "wrap_model"
+]  # fmt: skip
 
 # torchrun sets all of these; RANK alone decides whether we run under it (as in nanoGPT).
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -223,12 +210,11 @@ _GLOO_DRAIN_S = 0.2
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group that :func:`setup` created (no-op when disabled).
 
-    Under gloo it first sleeps :data:`_GLOO_DRAIN_S`, releasing the GIL. A gloo worker thread
-    frees a finished collective's tensors only after ``wait()`` has returned, and freeing a
-    tensor made in Python takes the GIL. ``~ProcessGroupGloo`` joins those threads, and when the
-    last owner of the group is DDP's ``Reducer`` (kept alive, for instance, by the traceback of an
-    exception raised right after a collective), it runs with the GIL held: the two wait for each
-    other forever (pytorch/pytorch#56297). The sleep lets every pending free finish first.
+    Under gloo it first sleeps :data:`_GLOO_DRAIN_S`, releasing the GIL: a gloo thread frees a
+    finished collective's tensors (which takes the GIL) after ``wait()`` has returned, and
+    ``~ProcessGroupGloo`` joins it with the GIL held when DDP's ``Reducer`` is the group's last
+    owner (kept alive, say, by the traceback of an exception raised right after a collective): a
+    deadlock (pytorch/pytorch#56297). The pause lets every pending free finish first.
     """
     if ctx.enabled and dist.is_initialized():
         if dist.get_backend() == "gloo" and _GLOO_DRAIN_S > 0:
