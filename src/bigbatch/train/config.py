@@ -41,6 +41,7 @@ __all__ = [
     "RESOLVED_KEY",
     "RESUME_FREE_KEYS",
     "RunConfig",
+    "base_regime",
     "config_keys",
     "load_config",
     "merge_config",
@@ -378,11 +379,26 @@ def base_regime_dict(config: RunConfig) -> dict[str, Any]:
     return plain(dict(models.get_spec(config.model).default_regime))
 
 
+def base_regime(config: RunConfig):
+    """The run's base ``Regime``: :func:`base_regime_dict`, rescaled to ``config.epochs`` if given
+    (every milestone moves proportionally), before any large-batch adaptation.
+
+    Raises:
+        ConfigError: an invalid regime (the message starts with ``regime:``).
+    """
+    from bigbatch.recipes import Regime
+
+    try:
+        base = Regime.from_dict(base_regime_dict(config))
+    except ConfigError as e:
+        raise ConfigError(f"regime: {e}") from None
+    return base.with_epochs(config.epochs) if config.epochs is not None else base
+
+
 def resolve_regime(config: RunConfig, dataset_size: int):
     """The base regime (after the ``epochs`` override) and the effective regime the run follows.
 
-    Base = ``config.regime`` or the model's ``default_regime``, rescaled to ``config.epochs`` if
-    given (every milestone moves proportionally). Effective = ``adapt_regime(base, base_batch_size,
+    Base = :func:`base_regime`. Effective = ``adapt_regime(base, base_batch_size,
     batch_size, lr_scaling, regime_adaptation, warmup_epochs)``; under ``lr_scaling = "adascale"``
     the base regime stretched by ``B / B0`` with its lr unscaled (AdaScale's longest run; the loop
     takes the lr and the end from :class:`~bigbatch.recipes.adascale.AdaScale`).
@@ -395,16 +411,11 @@ def resolve_regime(config: RunConfig, dataset_size: int):
     Returns:
         ``(base_regime, effective_regime)``, both ``bigbatch.recipes.Regime``.
     """
-    from bigbatch.recipes import Regime, adapt_regime
+    from bigbatch.recipes import adapt_regime
 
     if dataset_size < 1:
         raise ConfigError(f"the training set is empty (dataset_size={dataset_size})")
-    try:
-        base = Regime.from_dict(base_regime_dict(config))
-    except ConfigError as e:
-        raise ConfigError(f"regime: {e}") from None
-    if config.epochs is not None:
-        base = base.with_epochs(config.epochs)
+    base = base_regime(config)
     if config.lr_scaling == "adascale":
         # AdaScale follows the base regime in its own progress; the effective regime is the
         # base one stretched to as many updates as the small batch takes: the longest it can run.

@@ -32,7 +32,7 @@ from bigbatch.fileio import atomic_write_json, atomic_write_text
 from bigbatch.layers import backend_summary
 from bigbatch.machine import cpu_name
 from bigbatch.train.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
-from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig
+from bigbatch.train.config import RESOLVED_KEY, RESUME_FREE_KEYS, RunConfig, base_regime
 from bigbatch.train.metrics import read_rows, truncate_rows
 from bigbatch.train.state import Counters, Plan, TrainState
 
@@ -153,15 +153,6 @@ def _prepare_run_dir_main(
     return None
 
 
-def _base_regime(config: RunConfig) -> Any:
-    """The run's base regime after its ``epochs`` override (before adaptation)."""
-    from bigbatch.recipes import Regime
-    from bigbatch.train.config import base_regime_dict
-
-    base = Regime.from_dict(base_regime_dict(config))
-    return base.with_epochs(config.epochs) if config.epochs is not None else base
-
-
 def extend_config(config: RunConfig, epochs: float) -> RunConfig:
     """The config of ``config``'s run extended to ``epochs`` (base) epochs: ``--resume --epochs``.
 
@@ -181,7 +172,7 @@ def extend_config(config: RunConfig, epochs: float) -> RunConfig:
         >>> extend_config(cfg, 3).regime["epochs"], extend_config(cfg, 3).epochs
         (3.0, None)
     """
-    base = _base_regime(config)
+    base = base_regime(config)
     if not epochs > base.epochs:
         raise ConfigError(f"--epochs {epochs:g} on --resume extends a run: it must exceed the "
                           f"run's {base.epochs:g} base epochs")
@@ -195,12 +186,12 @@ def extend_config(config: RunConfig, epochs: float) -> RunConfig:
 def is_extension(saved: dict[str, Any], config: RunConfig) -> bool:
     """Whether ``config`` is the run of config dict ``saved`` extended (:func:`extend_config`):
     the same in every fixed key but the regime's length, which is longer."""
-    old = RunConfig.from_dict(saved)
+    old, now = RunConfig.from_dict(saved), config.to_dict()
     if fixed_keys(k for k, v in old.to_dict().items()
-                  if k not in ("regime", "epochs") and config.to_dict().get(k) != v):
+                  if k not in ("regime", "epochs") and now.get(k) != v):
         return False
     try:
-        before, after = _base_regime(old), _base_regime(config)
+        before, after = base_regime(old), base_regime(config)
     except ConfigError:
         return False
     same_phases = dataclasses.replace(after, epochs=before.epochs) == before
