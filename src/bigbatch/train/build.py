@@ -64,12 +64,15 @@ def build_model(config: RunConfig, info: Any) -> nn.Module:
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Put the weights of checkpoint ``path`` into ``model`` (``--init-from``), all or nothing.
 
     ``path`` is a bigbatch checkpoint (its ``model`` entry is used) or a plain ``state_dict``;
     it is read with ``torch.load(weights_only=True)``. Ghost batch norm keeps batch norm's keys,
     so weights move between runs with and without it.
+
+    Returns:
+        What ``path`` holds (the whole checkpoint), read once.
 
     Raises:
         CheckpointError: the file is missing or unreadable.
@@ -98,6 +101,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                 "dataset (classes, channels, image size) as the run that saved it"
             )
     model.load_state_dict(weights)
+    return state
 
 
 @dataclasses.dataclass
@@ -281,11 +285,12 @@ def build_run(config: RunConfig, ctx: Any, run_dir: Path) -> Run:
     model = build_model(config, info)
     if config.init_from is not None:
         load_weights(model, config.init_from)  # before w0 is taken: distances are from these
-    # Batch sizes of an epoch (the last one is partial).
-    sizes = {int(ix.numel()) for ix in train_loader.batch_indices(0)}
-    _check_batch_split(config, model, sizes, ctx.world_size)
+    # This process's batch sizes in an epoch (the last batch is partial; its slice under DDP).
+    sizes = _shard_sizes({int(ix.numel()) for ix in train_loader.batch_indices(0)},
+                         ctx.world_size)
+    _check_batch_split(config, model, sizes)
     if ctx.is_main:
-        _warn_questionable(config, plan, _shard_sizes(sizes, ctx.world_size))
+        _warn_questionable(config, plan, sizes)
     channels_last = config.channels_last is True or (
         config.channels_last == "auto" and ctx.device.type == "cuda" and _uses_conv(model)
     )
@@ -362,17 +367,14 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-def _check_batch_split(
-    config: RunConfig, model: nn.Module, batch_sizes: set[int], world_size: int
-) -> None:
+def _check_batch_split(config: RunConfig, model: nn.Module, batch_sizes: set[int]) -> None:
     """Refuse a batch split that batch norm cannot use; warn of micro-batches with plain BN.
 
-    ``batch_sizes`` are the global batch sizes of an epoch; under DDP the checks apply to the
-    per-process slices.
+    ``batch_sizes`` are this process's batch sizes in an epoch (:func:`_shard_sizes`).
     """
-    sizes = _shard_sizes(batch_sizes, world_size)
-    _check_normalisation_groups(config, sizes, _has_batchnorm(model))
-    if config.micro_batch_size and _has_batchnorm(model) and config.ghost_batch_size is None:
+    has_bn = _has_batchnorm(model)
+    _check_normalisation_groups(config, batch_sizes, has_bn)
+    if config.micro_batch_size and has_bn and config.ghost_batch_size is None:
         log.warning(
             "micro_batch_size=%d with plain batch norm: statistics are per micro-batch "
             "(as ghost batch norm with ghost size %d would), not over the whole batch",

@@ -65,13 +65,19 @@ def load_model(run_dir: str | Path, checkpoint: str = "best") -> nn.Module:
     Raises:
         ConfigError: not a run directory, no checkpoint, or weights that do not fit.
     """
+    return _trained(run_dir, checkpoint)[1]
+
+
+def _trained(run_dir: str | Path, checkpoint: str) -> tuple[Any, nn.Module, Path, dict[str, Any]]:
+    """``(config, model in eval mode, checkpoint path, checkpoint)``, each file read once."""
     from bigbatch import data
     from bigbatch.train.build import build_model, load_weights
 
     config = _run_config(run_dir)
     model = build_model(config.replace(init_from=None), data.get_info(config.dataset))
-    load_weights(model, checkpoint_path(run_dir, checkpoint))
-    return model.eval()
+    path = checkpoint_path(run_dir, checkpoint)
+    state = load_weights(model, path)
+    return config, model.eval(), path, state
 
 
 def evaluate_run(
@@ -92,14 +98,12 @@ def evaluate_run(
         ``{"checkpoint", "split", "samples", "updates", "val_loss", "val_error_pct", ...}``.
     """
     from bigbatch import data, distributed
-    from bigbatch.train.checkpoint import load_checkpoint
     from bigbatch.train.evaluation import evaluate
 
     split = split or "val"
     if split not in ("val", "test"):
         raise ConfigError(f"split must be 'val' or 'test', got {split!r}")
-    config = _run_config(run_dir)
-    path = checkpoint_path(run_dir, checkpoint)
+    config, model, path, state = _trained(run_dir, checkpoint)
     device_ = distributed.setup(device).device  # outside torchrun: resolves, starts nothing
     _, loader, info = data.build_loaders(
         config.dataset, data_dir=data_dir or config.data_dir, batch_size=config.batch_size,
@@ -107,8 +111,6 @@ def evaluate_run(
         train_subset=config.train_subset, held_out=config.held_out if split == "val" else 0,
         num_workers=config.num_workers,
     )
-    model = load_model(run_dir, checkpoint).to(device_)
-    metrics = evaluate(model, loader.iterate(0), num_classes=info.num_classes)
-    updates = load_checkpoint(path).get("updates")
+    metrics = evaluate(model.to(device_), loader.iterate(0), num_classes=info.num_classes)
     return {"checkpoint": path.name, "split": split, "samples": int(loader.num_samples),
-            "updates": updates, **metrics}
+            "updates": state.get("updates"), **metrics}
