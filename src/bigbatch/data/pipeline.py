@@ -34,6 +34,7 @@ __all__ = [
     "seeded_generator",
     "shard_bounds",
     "split_batches",
+    "train_batches_per_epoch",
 ]
 
 AUGMENTATIONS = ("none", "crop_flip")
@@ -69,6 +70,18 @@ def split_batches(order: torch.Tensor, batch_size: int, *, trim_single: bool) ->
     if trim_single and len(batches) > 1 and batches[-1].numel() == 1:
         batches.pop()
     return batches
+
+
+def train_batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Training batches per epoch: ``ceil(N / B)``, less a last batch of one sample, which
+    :func:`split_batches` drops.
+
+    Example:
+        >>> train_batches_per_epoch(1025, 256), train_batches_per_epoch(1026, 256)
+        (4, 5)
+    """
+    batches = math.ceil(num_samples / batch_size)
+    return batches - 1 if batches > 1 and num_samples % batch_size == 1 else batches
 
 
 def shard_bounds(batch_size: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -139,9 +152,9 @@ class EpochBatches:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        batches = math.ceil(n / b)
-        return batches - 1 if self.train and batches > 1 and n % b == 1 else batches
+        if self.train:
+            return train_batches_per_epoch(self.num_samples, self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     def batch_size_at(self, step: int) -> int:
         """Samples in step ``step`` of every epoch: ``batch_size``, fewer in the last one.

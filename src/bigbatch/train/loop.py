@@ -255,20 +255,21 @@ def _update(run: Run, meter: noise.NoiseMeter | None, x: torch.Tensor, y: torch.
                               micro_batch_size=config.micro_batch_size, autocast=run.autocast,
                               no_sync=run.no_sync(), world_size=run.ctx.world_size,
                               after_backward=meter.after_backward if measuring else None)
-    measured = meter.norms(global_n) if measuring else None  # before clipping changes .grad
-    norm = grad_norm(run.params, config.clip)
+    norm = grad_norm(run.params, config.clip)  # before clipping; clips .grad if asked
+    measured = meter.norms(global_n, norm) if measuring else None
     time_due = run.ctx.is_main and time.perf_counter() > checkpoint_at
     loss_sum, correct, time_due = _reduce_step(result, time_due, run.ctx)
-    loss_sum, correct, norm = torch.stack(
-        [loss_sum.float(), correct.float(), norm.float().to(loss_sum.device)]
-    ).tolist()  # the one host sync per update
+    scalars = [loss_sum.float(), correct.float(), norm.float()]
+    if measured is not None:  # |g_s|^2 and |g_b|^2 ride along (in float64 if they are)
+        scalars += [measured[0], measured[2]]
+    host = torch.stack([v.double().to(loss_sum.device) for v in scalars]).tolist()
+    loss_sum, correct, norm = host[:3]  # the one host sync per update
     c.updates += 1
     c.samples += global_n
     if math.isfinite(loss_sum) and math.isfinite(norm):
         state.optimizer.step()
         if measured is not None:
-            small_sq, small_batch, big_sq = measured
-            meter.record(float(small_sq), small_batch, float(big_sq), global_n)
+            meter.record(host[3], measured[1], host[4], global_n)
         c.train_loss_sum += loss_sum
         c.train_correct += correct
         c.train_samples += global_n

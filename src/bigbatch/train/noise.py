@@ -44,12 +44,6 @@ log = logging.getLogger("bigbatch.train")
 NOISE_COLUMNS = ("trace_sigma", "grad_sq_norm", "b_simple", "adascale_gain", "adascale_tau")
 
 
-def _loader_updates_per_epoch(dataset_size: int, batch_size: int) -> int:
-    """Batches per epoch of the training loader at ``batch_size`` (it drops a last batch of 1)."""
-    batches = math.ceil(dataset_size / batch_size)
-    return batches - 1 if batches > 1 and dataset_size % batch_size == 1 else batches
-
-
 def attach(run: Any) -> NoiseMeter | None:
     """Set up the measurement for ``run`` (a ``bigbatch.train.build.Run``), before any restore.
 
@@ -80,9 +74,10 @@ def attach(run: Any) -> NoiseMeter | None:
         return None
     run.state.noise_scale = GradientNoiseScale(decay=config.noise_scale_decay)
     if config.lr_scaling == "adascale":
+        from bigbatch.data.pipeline import train_batches_per_epoch
         from bigbatch.recipes.adascale import AdaScale
 
-        base_upe = _loader_updates_per_epoch(run.plan.dataset_size, config.base_batch_size)
+        base_upe = train_batches_per_epoch(run.plan.dataset_size, config.base_batch_size)
         run.state.adascale = AdaScale(run.plan.base_regime, base_upe)
         cap = math.ceil(run.state.adascale.total_tau * (1 - 1e-9))
         run.plan = dataclasses.replace(run.plan, num_updates=max(run.plan.num_updates, cap))
@@ -137,14 +132,14 @@ class NoiseMeter:
             self.micro_norms.end_micro_batch()
             self._sizes.append(micro_batch_size)
 
-    def norms(self, global_n: int) -> tuple[torch.Tensor, float, torch.Tensor] | None:
+    def norms(self, global_n: int,
+              grad_norm: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor] | None:
         """``(|g_s|^2, B_s, |g_b|^2)`` of this update (tensors, no host sync), or ``None``.
 
-        Call after the backward and before clipping; every process calls it (a collective). The
-        big batch is ``global_n``.
+        Call after the backward; every process calls it (a collective). The big batch is
+        ``global_n``; ``grad_norm`` is the update's gradient norm before clipping (``grad_norm``'s
+        result), whose square is ``|g_b|^2`` for micro-batches.
         """
-        from bigbatch.diagnostics import squared_grad_norm
-
         ctx = self.run.ctx
         if self.micro_norms is not None:
             # Each micro-batch's loss sum was divided by global_n / world_size: its own mean
@@ -155,7 +150,7 @@ class NoiseMeter:
                 small = distributed.all_reduce_sum(small.float(), ctx) / ctx.world_size
             # Several micro-batches of unequal sizes: the harmonic mean (MicroBatchGradNorms.pop).
             small_batch = len(self._sizes) / sum(1.0 / b for b in self._sizes)
-            big = squared_grad_norm(self.run.params)
+            big = grad_norm.square()  # the norm the update clips: the gradients read once
         else:
             small, big = self.ddp_norms.collect()
             small_batch = global_n / ctx.world_size
