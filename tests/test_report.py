@@ -419,3 +419,29 @@ def test_new_figures_are_none_without_data(tmp_path):
     grid = load_grid(tmp_path / "g")
     assert plots.plot_curves(grid, "val_error_pct", "wall_time_s") is None
     assert plots.plot_losses(grid) is None and plots.plot_lr_schedules(grid) is None
+
+
+def _set_b_simple(grid_dir: Path, arm: str, seed: int, value: float) -> None:
+    """Give one run's metrics.csv a ``b_simple`` column of ``value``."""
+    path = grid_dir / ARM_SLUGS[arm] / f"seed{seed}" / "metrics.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "b_simple"])
+        writer.writeheader()
+        writer.writerows({**r, "b_simple": value} for r in rows)
+
+
+def test_noise_advice_uses_a_measured_seed_and_says_why_when_there_is_none(tmp_path):
+    from bigbatch.report.noise import advice_lines
+
+    grid_dir = make_grid(tmp_path / "g", GAP_GRID)
+    _set_b_simple(grid_dir, "LB", 1, 500.0)  # seed 0, the first complete run, measured nothing
+    _set_b_simple(grid_dir, "LB+LR", 0, -5.0)  # measured, but no positive B_simple
+    lines = advice_lines(load_grid(grid_dir))
+    assert any(line.startswith("LB (seed 1): B_simple: 500") for line in lines)
+    assert [line for line in lines if line.startswith("LB+LR ")] == [
+        "LB+LR (seed 0): no advice: no finite, positive B_simple in the series: the noise scale "
+        "was not measured, or the run was too short for |G|^2 to come out positive"]
+    md = write_report(grid_dir)[0].read_text()  # the whole report is written, advice included
+    assert "LB (seed 1): B_simple: 500" in md

@@ -62,18 +62,23 @@ def noise_cells(grid: GridData) -> tuple[list[str], list[list[str]]]:
 
 
 def advice_lines(grid: GridData) -> list[str]:
-    """``advise_batch_size(...).lines()`` for the first complete seed of every measured arm."""
+    """``advise_batch_size(...).lines()`` for the first complete seed of every measured arm that
+    has a ``b_simple`` series; one line saying why where there is no advice to give (e.g. no
+    positive ``B_simple``), as ``bigbatch advise`` says it."""
     from bigbatch.diagnostics import advise_batch_size
 
     out = []
     for arm in measured_arms(grid):
-        run = grid.complete_runs(arm)[0]
+        run = next(r for r in grid.complete_runs(arm) if _series(r, "b_simple"))
         batch, base = run.summary.get("batch_size"), run.summary.get("base_batch_size")
         if not isinstance(batch, int):
             continue
         base = base if isinstance(base, int) and base <= batch else None
-        advice = advise_batch_size(_series(run, "b_simple"), batch, base)
-        out += [f"{arm} (seed {run.seed}): {line}" for line in advice.lines()]
+        try:
+            lines = advise_batch_size(_series(run, "b_simple"), batch, base).lines()
+        except ValueError as e:
+            lines = [f"no advice: {e}"]
+        out += [f"{arm} (seed {run.seed}): {line}" for line in lines]
     return out
 
 
@@ -100,15 +105,17 @@ def _draw(ax: Any, grid: GridData, arms: list[str], key: str, label: str) -> Non
     from bigbatch.report import plots
 
     for arm in arms:
-        curve = plots._curve(grid.complete_runs(arm), key, "updates")
+        runs = [r for r in grid.complete_runs(arm) if _series(r, key)]  # the seeds that measured
+        curve = plots._curve(runs, key, "updates")
         if curve is None:
             continue
         xs, mean, low, high = curve
         ax.plot(xs, mean, color=plots._COLORS.get(arm), label=arm, marker=".")
-        if len(grid.complete_runs(arm)) > 1:
+        if len(runs) > 1:
             ax.fill_between(xs, low, high, color=plots._COLORS.get(arm), alpha=0.2, linewidth=0)
     ax.set_xlabel("updates")
     ax.set_ylabel(label)
     ax.set_title(f"{label} vs updates (mean; band: min to max over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
