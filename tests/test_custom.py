@@ -251,6 +251,16 @@ def test_default_normalisation_is_the_training_sets_own(registries):
     assert images.shape == (10, 3, 4, 4) and labels.dtype == np.int64 and images.flags.writeable
 
 
+def test_given_statistics_are_not_computed_from_the_training_set(registries, monkeypatch):
+    def fail(x):
+        raise AssertionError("the channel statistics were computed though both were given")
+
+    monkeypatch.setattr(custom, "_channel_stats", fail)
+    info = data.register_dataset("t-given", train=_pair(50, channels=3), val=_pair(10, 3),
+                                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert (info.mean, info.std) == ((0.5,) * 3, (0.25,) * 3)
+
+
 def test_without_val_a_run_must_hold_out(registries, capsys):
     data.register_dataset("t-noval", train=_pair(40))
     with pytest.raises(DataError, match="--held-out N"):
@@ -272,6 +282,23 @@ def test_a_loader_is_called_once_on_first_use(registries):
     train, val, info = data.build_loaders("t-lazy", batch_size=8)
     data.build_loaders("t-lazy", batch_size=8)
     assert calls == [1] and (info.num_train, val.num_samples) == (40, 8)
+
+
+def test_a_model_built_for_another_dataset_leaves_its_default_dataset_unloaded(registries):
+    calls = []
+
+    def load():
+        calls.append(1)
+        return _pair(40), _pair(8)
+
+    data.register_dataset("t-default", loader=load, num_classes=3)
+    regime = {"epochs": 1, "phases": [{"epoch": 0, "lr": 0.1}]}
+    models.register("t-net", default_dataset="t-default", default_regime=regime)(
+        lambda *, num_classes, in_channels, image_size: torch.nn.Linear(in_channels, num_classes))
+    models.create("t-net", num_classes=10, in_channels=1, image_size=28)  # the run's dataset
+    assert calls == []
+    assert models.create("t-net").out_features == 3  # its default shape: now the data is read
+    assert calls == [1]
 
 
 def test_a_folder_dataset_reads_like_imagenet(registries, tmp_path):

@@ -264,9 +264,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         what = (f"{base.get('model', 'f1')} on {base.get('dataset', 'fashion-mnist')}, batch "
                 f"{base.get('base_batch_size', 128)} vs {grid['large_batch_size']}")
         rows.append((name, what, preset["description"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    for name, what, description in rows:
-        print(f"{name:<{widths[0]}}  {what:<{widths[1]}}  {description}")
+    _print_columns(rows)
     return 0
 
 

@@ -30,9 +30,8 @@ from collections.abc import Iterable
 
 from bigbatch.errors import ConfigError
 
-__all__ = ["ENTRY_POINT_GROUPS", "import_modules", "load_entry_points"]
+__all__ = ["import_modules", "load_entry_points"]
 
-ENTRY_POINT_GROUPS = ("bigbatch.models", "bigbatch.datasets")
 _LOADED_GROUPS: set[str] = set()
 
 

@@ -115,7 +115,8 @@ def _register_arrays(name: str, train: Any, val: Any, *, num_classes, mean, std,
     if test is not None and test[0].shape[1:] != x.shape[1:]:
         raise DataError(f"dataset {name!r}: val images are {test[0].shape[1:]} but train "
                         f"images are {x.shape[1:]}; both splits need the same shape")
-    default_mean, default_std = _channel_stats(x)
+    # Two float64 passes over the whole training set: only for a statistic not given.
+    default_mean, default_std = _channel_stats(x) if mean is None or std is None else (None, None)
     info = DatasetInfo(name, num_classes, x.shape[1], x.shape[2],
                        _stats(name, mean, default_mean, x.shape[1], "mean"),
                        _stats(name, std, default_std, x.shape[1], "std"),

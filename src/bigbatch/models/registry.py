@@ -263,12 +263,10 @@ def create(
         raise ConfigError(
             f"model {name!r} has no option {key!r}{hint} (allowed options: {allowed})"
         )
-    default_classes, default_channels, default_size = dataset_shape(entry.spec.default_dataset)
-    shape = {
-        "num_classes": default_classes if num_classes is None else num_classes,
-        "in_channels": default_channels if in_channels is None else in_channels,
-        "image_size": default_size if image_size is None else image_size,
-    }
+    shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    if None in shape.values():  # only then: a registered loader of the default dataset runs
+        defaults = dict(zip(shape, dataset_shape(entry.spec.default_dataset), strict=True))
+        shape = {k: defaults[k] if v is None else v for k, v in shape.items()}
     size = shape["image_size"]
     if isinstance(size, (tuple, list)):
         # Datasets may describe their size as (height, width); the models take square inputs.
