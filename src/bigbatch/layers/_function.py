@@ -40,6 +40,7 @@ __all__ = [
     "backward_any",
     "double_backward",
     "forward_ops",
+    "input_grads",
     "triton_forward",
 ]
 
@@ -132,7 +133,7 @@ def triton_forward(x: Tensor, weight, bias, ghost_batch_size: int, eps: float, l
     try:
         from bigbatch.layers import _triton_kernel
 
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = _compute_dtype(x)
         out = torch.empty_like(x)
         mean, var, rstd = _triton_kernel.forward(
             x, _as(weight, dtype), _as(bias, dtype), ghost_batch_size, eps, last, out
@@ -213,16 +214,26 @@ class GhostBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, bias, *saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation instead
-            args = (x, weight, bias, grad_out, ctx.ghost_batch_size, ctx.eps, needs)
-            return double_backward(*args) + (None, None, None)
-        dy = grad_out.contiguous(memory_format=memory_format(x))
-        g = ctx.ghost_batch_size
-        dx, grad_w, grad_b = backward_any(ctx.name, x, dy, weight, saved, g, needs)
-        grad_w = grad_w.to(weight.dtype) if needs[1] else None
-        grad_b = grad_b.to(bias.dtype) if needs[2] else None
-        return (dx if needs[0] else None), grad_w, grad_b, None, None, None
+        needs, g = ctx.needs_input_grad[:3], ctx.ghost_batch_size
+        grads = input_grads(x, weight, bias, grad_out, g, ctx.eps, needs,
+                            lambda dy: backward_any(ctx.name, x, dy, weight, saved, g, needs))
+        return grads + (None, None, None)
+
+
+def input_grads(x: Tensor, weight, bias, grad_out: Tensor, ghost_batch_size: int, eps: float,
+                needs, run) -> tuple:
+    """``(dx, dw, db)`` of the autograd Function and of the custom op (``_triton_op``).
+
+    With ``create_graph=True`` it differentiates a recomputation (:func:`double_backward`);
+    otherwise ``run(dy)`` gives the backend's ``(dx, dw, db)`` for ``dy`` laid out as ``x``, and
+    the weight and bias gradients are cast to their parameters' dtypes (``None`` where
+    ``needs`` says no gradient is wanted).
+    """
+    if torch.is_grad_enabled():
+        return double_backward(x, weight, bias, grad_out, ghost_batch_size, eps, needs)
+    dx, grad_w, grad_b = run(grad_out.contiguous(memory_format=memory_format(x)))
+    return (dx if needs[0] else None, grad_w.to(weight.dtype) if needs[1] else None,
+            grad_b.to(bias.dtype) if needs[2] else None)
 
 
 def forward_ops(x: Tensor, weight, bias, ghost_batch_size: int, eps: float):

@@ -23,10 +23,6 @@ __all__ = ["AVAILABLE", "ghost_bn_backward", "ghost_bn_forward"]
 AVAILABLE = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, ghost_batch_size: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -38,7 +34,7 @@ def _forward(
 def _forward_fake(x, weight, bias, ghost_batch_size, eps):
     n, c = x.shape[:2]
     g = (n + ghost_batch_size - 1) // ghost_batch_size
-    stats = [x.new_empty((g, c), dtype=_stat_dtype(x)) for _ in range(3)]
+    stats = [x.new_empty((g, c), dtype=_function._compute_dtype(x)) for _ in range(3)]
     return torch.empty_like(x, memory_format=memory_format(x)), *stats
 
 
@@ -75,20 +71,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _autograd(ctx, grad_out, _grad_mean, _grad_var, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad[:3])
-    if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
-        args = (x, weight, bias, grad_out, ctx.ghost_batch_size, ctx.eps, needs)
-        return _function.double_backward(*args) + (None, None)
-    dy = grad_out.contiguous(memory_format=memory_format(x))
-    g = ctx.ghost_batch_size
-    dx, grad_w, grad_b = ghost_bn_backward(dy, x, weight, mean, rstd, g, needs[0])
-    return (
-        dx if needs[0] else None,
-        grad_w.to(weight.dtype) if needs[1] else None,
-        grad_b.to(bias.dtype) if needs[2] else None,
-        None,
-        None,
-    )
+    needs, g = tuple(ctx.needs_input_grad[:3]), ctx.ghost_batch_size
+    grads = _function.input_grads(x, weight, bias, grad_out, g, ctx.eps, needs,
+                                  lambda dy: ghost_bn_backward(dy, x, weight, mean, rstd, g,
+                                                               needs[0]))
+    return grads + (None, None)
 
 
 ghost_bn_forward = ghost_bn_backward = None
