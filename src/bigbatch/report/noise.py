@@ -41,7 +41,8 @@ def noise_cells(grid: GridData) -> tuple[list[str], list[list[str]]]:
     """Header and rows: +RA, AdaScale and every measured arm (means over complete seeds)."""
     header = ["arm", "updates", "samples", "epochs", "final B_simple", "AdaScale gain first / "
               "mean / last", "final val error %"]
-    arms = [a for a in grid.arms if a in _COMPARED or a in measured_arms(grid)]
+    measured = measured_arms(grid)
+    arms = [a for a in grid.arms if a in _COMPARED or a in measured]
     cells = []
     for arm in arms:
         runs = grid.complete_runs(arm)

@@ -71,16 +71,14 @@ def _curve(runs: list[RunData], key: str, x: str) -> tuple[np.ndarray, ...] | No
 _X_LABELS = {"epoch": "epochs", "updates": "updates", "wall_time_s": "wall-clock time s"}
 
 
-def _draw_curves(ax, grid: GridData, key: str, x: str, log_x: bool) -> list[float]:
-    """One line (mean) and band (min-max over seeds) per arm; returns each arm's last x."""
-    final_xs = []
+def _draw_curves(ax, grid: GridData, key: str, x: str, log_x: bool) -> None:
+    """One line (mean) and band (min-max over seeds) per arm."""
     for arm in grid.arms:
         runs = grid.complete_runs(arm)
         curve = _curve(runs, key, x)
         if curve is None:
             continue
         xs, mean, low, high = curve
-        final_xs.append(float(xs[-1]))
         n = len(runs)
         ax.plot(xs, mean, color=_COLORS.get(arm), label=f"{arm} ({n} seed{'s' * (n != 1)})",
                 marker="." if len(xs) < 12 else None)  # fmt: skip
@@ -92,7 +90,6 @@ def _draw_curves(ax, grid: GridData, key: str, x: str, log_x: bool) -> list[floa
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"{_X_LABELS[x]}{' (log scale)' if log_x else ''}")
     ax.grid(alpha=0.3)
-    return final_xs
 
 
 def plot_curves(grid: GridData, key: str = "val_error_pct", x: str = "epoch") -> bytes | None:
@@ -102,9 +99,8 @@ def plot_curves(grid: GridData, key: str = "val_error_pct", x: str = "epoch") ->
     one arm runs more than 4× longer than another (regime adaptation stretches training ×B/B0):
     on the linear axis the short arms are squeezed into a stub, on the log one the long arm is.
     """
-    probe, axis = plt.subplots()
-    final_xs = _draw_curves(axis, grid, key, x, log_x=False)
-    plt.close(probe)
+    curves = (_curve(grid.complete_runs(arm), key, x) for arm in grid.arms)
+    final_xs = [float(c[0][-1]) for c in curves if c is not None]  # each drawn arm's last x
     if not final_xs:
         return None
     stretched = min(final_xs) > 0 and max(final_xs) / min(final_xs) > 4
