@@ -320,8 +320,9 @@ def run_grid(
     original = load_preset(preset)
     changes = {**(overrides or {}), "seeds": seeds, "arms": arms, "device": device,
                "progress": progress}  # fmt: skip
-    resolved = apply_settings(_apply_overrides(original, changes), list(settings or []))
-    overrides = {**(overrides or {}), **dict(parse_assignment(a) for a in settings or [])}
+    assigned = dict(parse_assignment(a) for a in settings or [])  # --set, parsed once
+    resolved = _apply_overrides(_apply_overrides(original, changes), assigned)
+    overrides = {**(overrides or {}), **assigned}
     old = _check_same_grid(out_dir, resolved)
     from bigbatch.distributed import launcher_rank
 
