@@ -50,6 +50,7 @@ __all__ = [
     "drop_none",
     "parse_data_text",
     "plain",
+    "read_summary",
     "remove_stale_temp_files",
     "storage_error",
 ]
@@ -214,3 +215,15 @@ def drop_none(v: Any) -> Any:
         {'a': 1, 'c': [{}]}
     """
     return plain(v, keep_none=False)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """``summary.json`` of the run in ``run_dir``, or ``{}`` when it is absent, torn or not a
+    table (the run is then unfinished). The one reader of summaries: the loop, the CLI, the grid
+    and its report (here, without torch, for the report).
+    """
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}

@@ -13,7 +13,6 @@ be checked against the runs directly (tests/test_report.py does).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import ConfigError
-from bigbatch.fileio import tomllib
+from bigbatch.fileio import read_summary, tomllib
 from bigbatch.reproduce import ARM_SLUGS, ARMS
 
 __all__ = ["GridData", "RunData", "is_number", "load_grid", "nan0"]
@@ -105,13 +104,8 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def _read_run(arm: str, seed: int, path: Path) -> RunData:
-    run = RunData(arm, seed, path)
-    summary_path = path / "summary.json"
-    if summary_path.is_file():
-        try:
-            run.summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
-            run.summary = None  # a torn write counts as unfinished; the grid reruns it
+    # Absent, torn (a killed write) or not a table: unfinished, and the grid reruns it.
+    run = RunData(arm, seed, path, summary=read_summary(path) or None)
     run.metrics = _read_csv(path / "metrics.csv")
     run.diffusion = _read_csv(path / "diffusion.csv")
     return run

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ import torch
 import bigbatch
 from bigbatch import distributed
 from bigbatch.errors import BigBatchError, ConfigError
-from bigbatch.fileio import atomic_write_json, atomic_write_text
+from bigbatch.fileio import atomic_write_json, atomic_write_text, read_summary
 from bigbatch.layers import backend_summary
 from bigbatch.machine import cpu_name
 from bigbatch.train.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
@@ -239,17 +238,6 @@ def fixed_keys(names: Any) -> list[str]:
         ['batch_size', 'seed']
     """
     return sorted(k for k in names if k not in RESUME_FREE_KEYS)
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """``summary.json`` of the run in ``run_dir``, or ``{}`` when it is absent, torn or not a
-    table (the run is then unfinished). The one reader of summaries: the loop, the CLI, the grid.
-    """
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
 
 
 # -- writing --------------------------------------------------------------------------------------
