@@ -445,3 +445,13 @@ def test_noise_advice_uses_a_measured_seed_and_says_why_when_there_is_none(tmp_p
         "was not measured, or the run was too short for |G|^2 to come out positive"]
     md = write_report(grid_dir)[0].read_text()  # the whole report is written, advice included
     assert "LB (seed 1): B_simple: 500" in md
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"status": "compl', ""])
+def test_a_summary_that_is_not_a_table_counts_as_unfinished(tmp_path, text):
+    grid_dir = make_grid(tmp_path / "g", GAP_GRID)
+    (grid_dir / ARM_SLUGS["LB"] / "seed1" / "summary.json").write_text(text)
+    grid = load_grid(grid_dir)
+    assert grid.runs[("LB", 1)].status == "incomplete"
+    assert [r.seed for r in grid.complete_runs("LB")] == [0, 2]
+    write_report(grid_dir)  # the report still renders, from the complete seeds
