@@ -23,7 +23,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.fileio import read_summary, tomllib
 from bigbatch.reproduce import ARM_SLUGS, ARMS
 
-__all__ = ["GridData", "RunData", "is_number", "load_grid", "nan0"]
+__all__ = ["GridData", "RunData", "is_number", "load_grid", "nan0", "summary_values"]
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 
@@ -79,6 +79,11 @@ class GridData:
 def is_number(value: Any) -> bool:
     """A real number (int or float, not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def summary_values(runs: list[RunData], key: str) -> list[float]:
+    """``key`` of each run's summary.json, as floats, where it is a number (complete runs)."""
+    return [float(r.summary[key]) for r in runs if is_number(r.summary.get(key))]
 
 
 def nan0(value: float) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bigbatch.report.grid import GridData, RunData, is_number
+from bigbatch.report.grid import GridData, RunData, is_number, summary_values
 from bigbatch.report.stats import fmt_count
 
 __all__ = ["advice_lines", "measured_arms", "noise_cells", "plot_noise_scale"]
@@ -50,7 +50,7 @@ def noise_cells(grid: GridData) -> tuple[list[str], list[list[str]]]:
             continue
 
         def mean_of(key: str, runs=runs) -> float:
-            return _mean([float(r.summary[key]) for r in runs if is_number(r.summary.get(key))])
+            return _mean(summary_values(runs, key))
 
         gains = [g for g in (_series(r, "adascale_gain") for r in runs) if g]
         parts = ([g[0] for g in gains], [_mean(g) for g in gains], [g[-1] for g in gains])

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 
 from bigbatch.errors import ConfigError
-from bigbatch.report.grid import GridData, RunData, is_number
+from bigbatch.report.grid import GridData, RunData, summary_values
 
 __all__ = [
     "SETTING_COLUMNS",
@@ -102,13 +102,9 @@ def arm_rows(grid: GridData) -> list[ArmRow]:
     paper = grid.paper
     for arm in grid.arms:
         runs = grid.complete_runs(arm)
-
-        def values(key: str, runs: list[RunData] = runs) -> list[float]:
-            return [float(r.summary[key]) for r in runs if is_number(r.summary.get(key))]
-
-        val = _mean_std(values("final_val_error_pct"))
-        best = _mean_std(values("best_val_error_pct"))
-        train = _mean_std(values("final_train_error_pct"))
+        val = _mean_std(summary_values(runs, "final_val_error_pct"))
+        best = _mean_std(summary_values(runs, "best_val_error_pct"))
+        train = _mean_std(summary_values(runs, "final_train_error_pct"))
         rows.append(
             ArmRow(
                 arm=arm,
@@ -119,9 +115,9 @@ def arm_rows(grid: GridData) -> list[ArmRow]:
                 best_val_error_std=best[1],
                 train_error_mean=train[0],
                 train_error_std=train[1],
-                updates=_mean_std(values("updates"))[0],
-                epochs=_mean_std(values("epochs"))[0],
-                wall_time_s=_mean_std(values("wall_time_s"))[0],
+                updates=_mean_std(summary_values(runs, "updates"))[0],
+                epochs=_mean_std(summary_values(runs, "epochs"))[0],
+                wall_time_s=_mean_std(summary_values(runs, "wall_time_s"))[0],
                 train_samples_per_s=_mean_std([train_samples_per_s(r) for r in runs])[0],
                 paper_accuracy=paper.get(arm),
                 expected_seeds=len(grid.seeds),
@@ -246,7 +242,7 @@ def arm_settings(grid: GridData) -> list[dict[str, object]]:
         # AdaScale's regime is its longest run; the epochs it took are the runs' own.
         adascale = setting.get("lr_scaling") == "adascale"
         for key in ("updates", "samples", "epochs") if adascale else ("updates", "samples"):
-            found = [float(r.summary[key]) for r in runs if is_number(r.summary.get(key))]
+            found = summary_values(runs, key)
             setting[key] = _mean_std(found)[0] if found else None
         previous = out[-1] if out else None
         setting["changes"] = [
